@@ -1,0 +1,353 @@
+"""Pointwise feature vectors (PFVs) collected over a dataset (paper section 3.1, appendix C)."""
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from captum.attr import LayerGradientXActivation
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import _layout
+from ._data import Data, count_batches, iter_batches
+from ._hooks import LayerSpec, frozen, model_device, resolve_layer, run_until, tap
+from ._io import as_json_value, load_artifact, save_artifact
+
+__all__ = ["PFVSet", "collect_pfvs", "image_generator"]
+
+SAMPLINGS = ("relevance", "uniform", "all")
+
+
+@dataclass
+class PFVSet:
+    r"""A set of PFVs of one layer, each with the image and position it came from.
+
+    Attributes:
+        vectors (Tensor): ``(N, C)`` the PFVs.
+        image_index (Tensor): ``(N,)`` int64, index of the source image in the
+                    order the data was read.
+        position (Tensor): ``(N,)`` int64, flat index into the layer's position
+                    grid ``spatial_shape`` (row-major ``h * W + w`` for conv
+                    layers, the token index for token layers).
+        layer (str): dotted name of the layer.
+        spatial_shape (tuple): the layer's position grid, ``(H, W)``, ``(T,)``
+                    or ``()``.
+        labels (Tensor, optional): ``(N,)`` int64 label of the source image when
+                    the data provided one, else -1.
+        target (Tensor, optional): ``(N,)`` int64 class whose relevance was used
+                    for sampling (-1 for ``"uniform"``/``"all"``).
+        relevance (Tensor, optional): ``(N,)`` the position's positive relevance
+                    (``"relevance"`` sampling only, else 0).
+        meta (dict): how the set was made (sampling, seed, model, ...).
+    """
+
+    vectors: Tensor
+    image_index: Tensor
+    position: Tensor
+    layer: str
+    spatial_shape: Tuple[int, ...]
+    labels: Optional[Tensor] = None
+    target: Optional[Tensor] = None
+    relevance: Optional[Tensor] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.vectors.dim() != 2:
+            raise ValueError(f"vectors must be (N, C); got shape {tuple(self.vectors.shape)}")
+        n = self.vectors.shape[0]
+        for name in ("image_index", "position", "labels", "target", "relevance"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (n,):
+                raise ValueError(f"{name} must have shape ({n},) to match vectors; got {tuple(value.shape)}")
+        self.spatial_shape = tuple(int(s) for s in self.spatial_shape)
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def n_channels(self) -> int:
+        return self.vectors.shape[1]
+
+    def coordinates(self) -> Tensor:
+        """``(N, len(spatial_shape))`` grid coordinates of each PFV, e.g. (row, col)."""
+        return _layout.unravel_position(self.position, self.spatial_shape)
+
+    def _fields(self) -> Dict[str, Optional[Tensor]]:
+        return {
+            "vectors": self.vectors,
+            "image_index": self.image_index,
+            "position": self.position,
+            "labels": self.labels,
+            "target": self.target,
+            "relevance": self.relevance,
+        }
+
+    def _replace(self, fn: Callable[[Tensor], Tensor]) -> "PFVSet":
+        new = {k: (fn(v) if v is not None else None) for k, v in self._fields().items()}
+        return PFVSet(layer=self.layer, spatial_shape=self.spatial_shape, meta=dict(self.meta), **new)
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PFVSet":
+        """A copy on ``device``; ``dtype`` applies to the vectors only."""
+        moved = self._replace(lambda t: t.to(device) if device is not None else t)
+        if dtype is not None:
+            moved.vectors = moved.vectors.to(dtype)
+        return moved
+
+    def __getitem__(self, index) -> "PFVSet":
+        """A subset, e.g. ``pfvs[:100]`` or ``pfvs[mask]``."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return self._replace(lambda t: t[index])
+
+    @staticmethod
+    def concat(sets: Sequence["PFVSet"]) -> "PFVSet":
+        """Concatenate PFV sets of the same layer (e.g. collected in parts)."""
+        if not sets:
+            raise ValueError("concat needs at least one PFVSet")
+        first = sets[0]
+        for s in sets[1:]:
+            if s.layer != first.layer or s.n_channels != first.n_channels or s.spatial_shape != first.spatial_shape:
+                raise ValueError(
+                    f"cannot concatenate PFVs of layer {s.layer!r} ({s.n_channels} channels, grid {s.spatial_shape}) "
+                    f"with layer {first.layer!r} ({first.n_channels} channels, grid {first.spatial_shape})"
+                )
+        merged = {}
+        for name in first._fields():
+            parts = [getattr(s, name) for s in sets]
+            merged[name] = None if any(p is None for p in parts) else torch.cat(parts)
+        return PFVSet(layer=first.layer, spatial_shape=first.spatial_shape, meta=dict(first.meta), **merged)
+
+    def save(self, path: str) -> None:
+        """Save as safetensors with JSON metadata (no pickle)."""
+        meta = {
+            "layer": self.layer,
+            "spatial_shape": list(self.spatial_shape),
+            "n_channels": self.n_channels,
+            "n_pfvs": len(self),
+            "info": {k: as_json_value(v) for k, v in self.meta.items()},
+        }
+        save_artifact(path, "PFVSet", self._fields(), meta)
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu") -> "PFVSet":
+        """Load a set written by :meth:`save`; raises ``ValueError`` for a file that is not one."""
+        tensors, meta = load_artifact(path, "PFVSet", device)
+        missing = {"vectors", "image_index", "position"} - set(tensors)
+        if missing:
+            raise ValueError(f"{path!r} is missing the tensors {sorted(missing)}")
+        if tensors["vectors"].shape[-1] != meta.get("n_channels") or len(tensors["vectors"]) != meta.get("n_pfvs"):
+            raise ValueError(f"{path!r}: tensor shapes do not match its metadata (tampered file?)")
+        return cls(
+            vectors=tensors["vectors"],
+            image_index=tensors["image_index"],
+            position=tensors["position"],
+            labels=tensors.get("labels"),
+            target=tensors.get("target"),
+            relevance=tensors.get("relevance"),
+            layer=meta["layer"],
+            spatial_shape=tuple(meta["spatial_shape"]),
+            meta=meta.get("info", {}),
+        )
+
+
+def image_generator(seed: int, image_index: int) -> torch.Generator:
+    """The random stream of one image: a function of ``(seed, image_index)`` only.
+
+    Sampling therefore does not depend on batch size, data order of other
+    images or the number of processes sharing the work.
+    """
+    state = np.random.SeedSequence([int(seed), int(image_index)]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator()
+    g.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return g
+
+
+def _sample_positions(weights: Tensor, per_image: int, first_index: int, seed: int, uniform: bool) -> Tensor:
+    """Draw ``per_image`` distinct positions per row of ``weights (n, P)``.
+
+    Gumbel-top-k: the top ``k`` of ``log w + Gumbel noise`` is a draw without
+    replacement with probability proportional to ``w`` (successive sampling).
+    Positions with zero weight are drawn only after all positive ones.
+    """
+    n, p = weights.shape
+    noise = torch.stack(
+        [torch.rand(p, generator=image_generator(seed, first_index + i), dtype=torch.float64) for i in range(n)]
+    )
+    gumbel = -torch.log(-torch.log(noise.clamp_min(1e-300)))
+    if uniform:
+        keys = gumbel
+    else:
+        w = weights.detach().to("cpu", torch.float64)
+        keys = torch.where(w > 0, torch.log(w.clamp_min(1e-300)) + gumbel, gumbel - 1e6)
+    return keys.topk(per_image, dim=1).indices
+
+
+def _resolve_targets(target, logits: Optional[Tensor], labels: Optional[Tensor], n: int, device) -> Tensor:
+    if target is None:
+        if logits is None or not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise ValueError(
+                "target=None uses the predicted class, which needs a model returning (N, classes) scores; "
+                "pass target=<class index> or target='label'"
+            )
+        return logits.argmax(dim=1)
+    if isinstance(target, str):
+        if target != "label":
+            raise ValueError(f"target must be None, an int, or 'label'; got {target!r}")
+        if labels is None:
+            raise ValueError("target='label' needs data that yields (images, labels) pairs")
+        return labels.to(device=device, dtype=torch.long)
+    if isinstance(target, int):
+        return torch.full((n,), target, dtype=torch.long, device=device)
+    raise TypeError(f"target must be None, an int, or 'label'; got {type(target).__name__}")
+
+
+def collect_pfvs(
+    model: nn.Module,
+    layer: LayerSpec,
+    data: Data,
+    *,
+    sampling: str = "relevance",
+    per_image: int = 1,
+    target: Union[None, int, str] = None,
+    attribute_to_layer_input: bool = False,
+    relevance_method: Callable[..., Any] = LayerGradientXActivation,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> PFVSet:
+    r"""Collect pointwise feature vectors of ``layer`` over a dataset (paper 3.1, app. C).
+
+    For every image, ``per_image`` positions of the layer's activation are
+    drawn and their channel vectors kept, with the image index and position.
+
+    With ``sampling="relevance"`` (the paper's choice) positions are drawn with
+    probability proportional to their positive contribution to the target
+    class, computed with a Captum layer attribution (``relevance_method``,
+    LayerGradientXActivation by default) summed over channels. This avoids the
+    background dominating the PFV set. ``"uniform"`` draws positions uniformly
+    and ``"all"`` keeps every position.
+
+    Args:
+        model (nn.Module): the image model; run in eval mode, restored afterwards.
+        layer (nn.Module or str): the layer (or its dotted name) whose output
+                    (or input, see ``attribute_to_layer_input``) is a
+                    ``(N, C, H, W)``, ``(N, T, C)`` or ``(N, C)`` tensor.
+        data (Tensor or iterable): images ``(N, ...)``, or a DataLoader /
+                    iterable yielding image batches or ``(images, labels)``.
+                    Batches are moved to the model's device.
+        sampling (str, optional): ``"relevance"``, ``"uniform"`` or ``"all"``.
+                    Default: ``"relevance"``
+        per_image (int, optional): positions drawn per image (without
+                    replacement). Ignored for ``"all"``. Default: 1
+        target (int, str or None, optional): the class whose relevance guides
+                    sampling: ``None`` for the predicted class, an int, or
+                    ``"label"`` for the labels the data yields. Default: None
+        attribute_to_layer_input (bool, optional): take PFVs from the layer's
+                    input instead of its output (Captum's convention).
+                    Default: False
+        relevance_method (callable, optional): a Captum layer attribution
+                    class, called as ``relevance_method(model, layer)``.
+                    Default: ``LayerGradientXActivation``
+        batch_size (int, optional): batch size used when ``data`` is a tensor.
+                    Default: 32
+        seed (int, optional): draws depend only on ``(seed, image index)``.
+                    Default: 0
+        progress (bool, optional): show a progress bar. Default: True
+
+    Returns:
+        PFVSet: ``vectors (M, C)`` with ``M = n_images * per_image`` (or
+        ``n_images * positions`` for ``"all"``), their image indices and positions.
+
+    Examples::
+
+        >>> model = torchvision.models.resnet18(weights=None).eval()
+        >>> images = torch.randn(8, 3, 64, 64)
+        >>> pfvs = collect_pfvs(model, "layer3", images, per_image=2)
+        >>> pfvs.vectors.shape
+        torch.Size([16, 256])
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")
+    if not isinstance(per_image, int) or per_image < 1:
+        raise ValueError(f"per_image must be a positive int; got {per_image!r}")
+    name, module = resolve_layer(model, layer)
+    device = model_device(model)
+    parts: Dict[str, List[Tensor]] = {k: [] for k in ("vectors", "image_index", "position", "labels", "target", "relevance")}
+    spatial: Optional[Tuple[int, ...]] = None
+    n_images = 0
+    has_labels = True
+
+    with frozen(model):
+        bar = tqdm(total=count_batches(data, batch_size), disable=not progress, desc=f"PFVs of {name}", unit="batch")
+        try:
+            for images, labels in iter_batches(data, batch_size):
+                images = images.to(device)
+                n = images.shape[0]
+                has_labels = has_labels and labels is not None
+                with torch.no_grad():
+                    if sampling == "relevance":
+                        with tap(model, module, attribute_to_layer_input) as record:
+                            logits = model(images)
+                        activation = record.value
+                    else:
+                        logits = None
+                        activation = run_until(model, module, images, attribute_to_layer_input=attribute_to_layer_input)
+                pfvs = _layout.to_pfvs(activation.detach())  # (n, P, C)
+                if spatial is None:
+                    spatial = _layout.spatial_shape(activation)
+                n_pos = pfvs.shape[1]
+                if sampling != "all" and per_image > n_pos:
+                    raise ValueError(f"per_image={per_image} exceeds the {n_pos} positions of layer {name!r}")
+
+                relevance = torch.zeros(n, n_pos, device=pfvs.device)
+                targets = torch.full((n,), -1, dtype=torch.long, device=device)
+                if sampling == "relevance":
+                    targets = _resolve_targets(target, logits, labels, n, device)
+                    attributor = relevance_method(model, module)
+                    attr = attributor.attribute(images, target=targets, attribute_to_layer_input=attribute_to_layer_input)
+                    if isinstance(attr, tuple):
+                        attr = attr[0]
+                    relevance = _layout.to_pfvs(attr.detach()).sum(-1).clamp_min(0)
+
+                if sampling == "all":
+                    chosen = torch.arange(n_pos, device=pfvs.device).expand(n, n_pos)
+                else:
+                    chosen = _sample_positions(relevance, per_image, n_images, seed, uniform=sampling == "uniform")
+                    chosen = chosen.to(pfvs.device)
+                k = chosen.shape[1]
+                rows = torch.arange(n, device=pfvs.device).unsqueeze(1).expand(n, k)
+                parts["vectors"].append(pfvs[rows, chosen].reshape(n * k, -1))
+                parts["position"].append(chosen.reshape(-1).long().cpu())
+                parts["image_index"].append((torch.arange(n).unsqueeze(1) + n_images).expand(n, k).reshape(-1))
+                lab = labels.cpu().long() if labels is not None else torch.full((n,), -1, dtype=torch.long)
+                parts["labels"].append(lab.unsqueeze(1).expand(n, k).reshape(-1))
+                parts["target"].append(targets.cpu().unsqueeze(1).expand(n, k).reshape(-1))
+                parts["relevance"].append(relevance[rows, chosen].reshape(-1).float().cpu())
+                n_images += n
+                bar.update(1)
+        finally:
+            bar.close()
+
+    if n_images == 0:
+        raise ValueError("data yielded no images")
+    meta = {
+        "sampling": sampling,
+        "per_image": per_image if sampling != "all" else None,
+        "seed": seed,
+        "n_images": n_images,
+        "model": type(model).__name__,
+        "attribute_to_layer_input": attribute_to_layer_input,
+        "relevance_method": getattr(relevance_method, "__name__", str(relevance_method)) if sampling == "relevance" else None,
+    }
+    return PFVSet(
+        vectors=torch.cat(parts["vectors"]),
+        image_index=torch.cat(parts["image_index"]),
+        position=torch.cat(parts["position"]),
+        labels=torch.cat(parts["labels"]) if has_labels else None,
+        target=torch.cat(parts["target"]),
+        relevance=torch.cat(parts["relevance"]),
+        layer=name,
+        spatial_shape=spatial or (),
+        meta=meta,
+    )
