@@ -20,5 +20,5 @@ else
 fi
 
 python3 -m venv .venv
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
 echo "installed into $(pwd)/.venv"

@@ -3,6 +3,7 @@
 from ._version import __version__
 from .concepts import BisectingSphericalKMeans, ConceptBasis, batchnorm_offset
 from .decompose import DecompositionScore, PFVDecomposer, alpha_max
+from .gig import GeneralizedIntegratedGradients
 from .metrics import l0_ratio, relative_l2
 from .pfv import PFVSet, collect_pfvs
 from .preactivation import expose_preactivations, remove_preactivations
@@ -12,6 +13,7 @@ __all__ = [
     "BisectingSphericalKMeans",
     "ConceptBasis",
     "DecompositionScore",
+    "GeneralizedIntegratedGradients",
     "PFVDecomposer",
     "PFVSet",
     "alpha_max",

@@ -50,3 +50,14 @@ def randomize_bn(model, seed=0):
                 m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.data.copy_(torch.randn(c, generator=g) * 0.3)
     return model
+
+
+def make_decomposer(model, layer, images, k_factor=2, alpha_fraction=0.05, offset="mean", seed=0, attribute_to_layer_input=False):
+    """Concepts of ``layer`` fitted on every PFV of ``images`` and a Lasso decomposer for them."""
+    from captum_gig import ConceptBasis, PFVDecomposer, alpha_max, collect_pfvs
+
+    pfvs = collect_pfvs(model, layer, images, sampling="all", progress=False, attribute_to_layer_input=attribute_to_layer_input)
+    k = min(k_factor * pfvs.n_channels, len(pfvs))
+    basis = ConceptBasis.fit(pfvs, k, offset=offset, seed=seed, progress=False)
+    alpha = alpha_fraction * float(alpha_max(basis, pfvs.vectors).median())
+    return PFVDecomposer(basis, alpha=alpha, tol=1e-6)
