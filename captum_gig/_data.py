@@ -50,7 +50,7 @@ def iter_batches(data: Data, batch_size: int = 32) -> Iterator[Tuple[Tensor, Opt
 def count_batches(data: Data, batch_size: int = 32) -> Optional[int]:
     """Number of batches when it is known without iterating (for progress bars)."""
     if isinstance(data, Tensor):
-        return (data.shape[0] + batch_size - 1) // batch_size
+        return (data.shape[0] + batch_size - 1) // batch_size if data.dim() else None
     try:
         return len(data)  # type: ignore[arg-type]
     except TypeError:

@@ -14,7 +14,18 @@ from torch import Tensor, nn
 
 LayerSpec = Union[str, nn.Module]
 
-__all__ = ["resolve_layer", "frozen", "Tap", "tap", "replace", "StopForward", "run_until", "model_device"]
+__all__ = [
+    "resolve_layer",
+    "frozen",
+    "Tap",
+    "tap",
+    "replace",
+    "StopForward",
+    "run_until",
+    "model_device",
+    "check_runs_once",
+    "check_inputs",
+]
 
 
 def resolve_layer(model: nn.Module, layer: LayerSpec, argument: str = "layer") -> Tuple[str, nn.Module]:
@@ -204,3 +215,31 @@ def run_until(
     finally:
         handle.remove()
     raise RuntimeError(f"layer {name!r} was not run by the model's forward; is it part of the forward path?")
+
+
+def check_runs_once(model: nn.Module, layer: LayerSpec, inputs, additional_forward_args: Optional[tuple] = None,
+                    attribute_to_layer_input: bool = False) -> Tensor:
+    """Run the full forward once and return ``layer``'s activation, refusing a layer that runs twice.
+
+    :func:`run_until` stops at a layer's first call and so cannot see a second
+    one (a reused activation module, a block applied twice); call this once on
+    a first batch before relying on it.
+    """
+    args = (inputs,) + tuple(additional_forward_args or ())
+    with tap(model, layer, attribute_to_layer_input) as record:
+        model(*args)
+    return record.value  # raises for zero or several calls
+
+
+def check_inputs(model: nn.Module, inputs, argument: str = "inputs") -> None:
+    """Refuse inputs on another device than the model, of another float dtype, or with NaN/inf."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{argument} must be a tensor; got {type(inputs).__name__}")
+    device = model_device(model)
+    if inputs.device != device:
+        raise ValueError(f"{argument} are on {inputs.device} but the model is on {device}; move one of them")
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if inputs.is_floating_point() and params and inputs.dtype != params[0].dtype:
+        raise TypeError(f"{argument} are {inputs.dtype} but the model's parameters are {params[0].dtype}")
+    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        raise ValueError(f"{argument} contain NaN or inf")

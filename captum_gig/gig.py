@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import _layout
 from ._captum_compat import path_points
-from ._hooks import LayerSpec, frozen, replace, resolve_layer, run_until
+from ._hooks import LayerSpec, check_inputs, check_runs_once, frozen, replace, resolve_layer, run_until
 from ._slicing import slice_between
 from .decompose import PFVDecomposer
 
@@ -126,6 +126,7 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         self.slicing = slicing
         self._suffix: Optional[nn.Module] = None
         self._sliced = False
+        self._checked_once = False
 
     # -- Captum's interface -------------------------------------------------------------------
     def has_convergence_delta(self) -> bool:
@@ -167,13 +168,23 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         if self.layer_b is not None:
             if not isinstance(out, Tensor):
                 raise TypeError(f"layer_b {self.layer_b!r} must return a tensor; got {type(out).__name__}")
-            return _layout.to_pfvs(out).sum(1)
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            raise TypeError(
-                "with layer_b=None the model must return (N, n_classes) scores; "
-                f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+            readout = _layout.to_pfvs(out).sum(1)
+        else:
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                raise TypeError(
+                    "with layer_b=None the model must return (N, n_classes) scores; "
+                    f"got {type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+                )
+            readout = out.softmax(dim=1) if self.output == "prob" else out
+        if not readout.is_floating_point():
+            raise TypeError(f"the target scores are {readout.dtype}, not floating point: nothing to differentiate")
+        if z.requires_grad and torch.is_grad_enabled() and not readout.requires_grad:
+            where = f"layer_b {self.layer_b!r}" if self.layer_b else "the model output"
+            raise ValueError(
+                f"{where} does not depend differentiably on layer_a {self.layer_a!r} (detached or "
+                "non-differentiable modules in between); GIG needs gradients along the path"
             )
-        return out.softmax(dim=1) if self.output == "prob" else out
+        return readout
 
     def _score(self, z: Tensor, *args) -> Tensor:
         """Forward function handed to Captum: one scalar per path point, ``<readout, direction>``."""
@@ -186,6 +197,11 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         return (self._readout(z, inputs, additional) * directions).sum(1)
 
     def _endpoints(self, inputs: Tensor, additional: tuple, residual: bool) -> _Endpoints:
+        if not self._checked_once:  # run_until cannot see a second call of a reused layer
+            for layer in (self.layer_a, self.layer_b):
+                if layer is not None:
+                    check_runs_once(self.model, layer, inputs, additional, layer == self.layer_a and self.attribute_to_layer_input)
+            self._checked_once = True
         X = run_until(self.model, self.layer_a, inputs, additional, self.attribute_to_layer_input).detach()
         dec = self.decomposer_a
         Xl = _layout.move_channels_last(X)
@@ -268,8 +284,7 @@ class GeneralizedIntegratedGradients(GradientAttribution):
             raise TypeError(f"inputs must be a tensor of images (N, ...); got {type(inputs).__name__}")
         if not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"n_steps must be a positive int; got {n_steps!r}")
-        if not torch.isfinite(inputs).all():
-            raise ValueError("inputs contain NaN or inf")
+        check_inputs(self.model, inputs)
         if additional is None:
             return ()
         return additional if isinstance(additional, tuple) else (additional,)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from . import _layout
 from ._data import Data, count_batches, iter_batches
-from ._hooks import LayerSpec, frozen, model_device, resolve_layer, run_until, tap
+from ._hooks import LayerSpec, check_inputs, check_runs_once, frozen, model_device, resolve_layer, run_until, tap
 from ._io import as_json_value, load_artifact, save_artifact
 
 __all__ = ["PFVSet", "collect_pfvs", "image_generator"]
@@ -281,8 +281,9 @@ def collect_pfvs(
     with frozen(model):
         bar = tqdm(total=count_batches(data, batch_size), disable=not progress, desc=f"PFVs of {name}", unit="batch")
         try:
-            for images, labels in iter_batches(data, batch_size):
+            for batch_number, (images, labels) in enumerate(iter_batches(data, batch_size)):
                 images = images.to(device)
+                check_inputs(model, images, f"images of batch {batch_number}")
                 n = images.shape[0]
                 has_labels = has_labels and labels is not None
                 with torch.no_grad():
@@ -290,6 +291,9 @@ def collect_pfvs(
                         with tap(model, module, attribute_to_layer_input) as record:
                             logits = model(images)
                         activation = record.value
+                    elif batch_number == 0:
+                        logits = None
+                        activation = check_runs_once(model, module, images, attribute_to_layer_input=attribute_to_layer_input)
                     else:
                         logits = None
                         activation = run_until(model, module, images, attribute_to_layer_input=attribute_to_layer_input)
