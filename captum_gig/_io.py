@@ -8,6 +8,7 @@ renamed into place, so an interrupted run never leaves a half-written artifact.
 import json
 import os
 import tempfile
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -85,8 +86,13 @@ def _open(path: str, kind: Optional[str], device, tensors: bool):
         meta = json.loads(raw)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path!r} has unreadable captum_gig metadata: {err}") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path!r} has unreadable captum_gig metadata")
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{path!r} holds a {meta.get('kind')!r}, not a {kind!r}")
+    written_by = str(meta.get("captum_gig_version", "unknown"))
+    if written_by.split(".")[:2] != __version__.split(".")[:2]:
+        warnings.warn(f"{path!r} was written by captum_gig {written_by}; this is {__version__}")
     return data, meta
 
 

@@ -119,6 +119,10 @@ class GeneralizedIntegratedGradients(GradientAttribution):
                 raise TypeError("decomposer_b (a PFVDecomposer or ConceptBasis of layer_b) is required with layer_b")
         if output not in ("logit", "prob"):
             raise ValueError(f"output must be 'logit' or 'prob'; got {output!r}")
+        for role, dec, layer in (("decomposer_a", decomposer_a, self.layer_a), ("decomposer_b", decomposer_b, self.layer_b)):
+            fitted_on = dec.basis.layer if dec is not None else None
+            if fitted_on is not None and layer is not None and fitted_on != layer:
+                warnings.warn(f"{role}'s concept basis was fitted on layer {fitted_on!r}, not on {layer!r}")
         self.decomposer_a = decomposer_a
         self.decomposer_b = decomposer_b
         self.output = output
