@@ -4,7 +4,17 @@ from ._version import __version__
 from .concepts import BisectingSphericalKMeans, ConceptBasis, batchnorm_offset
 from .decompose import DecompositionScore, PFVDecomposer, alpha_max
 from .gig import GeneralizedIntegratedGradients
-from .metrics import l0_ratio, relative_l2
+from .graph import ConceptGraph
+from .metrics import (
+    Curve,
+    InterlayerCurves,
+    concept_deletion,
+    concept_insertion,
+    interlayer_deletion,
+    interlayer_insertion,
+    l0_ratio,
+    relative_l2,
+)
 from .pfv import PFVSet, collect_pfvs
 from .preactivation import expose_preactivations, remove_preactivations
 
@@ -12,6 +22,9 @@ __all__ = [
     "__version__",
     "BisectingSphericalKMeans",
     "ConceptBasis",
+    "ConceptGraph",
+    "Curve",
+    "InterlayerCurves",
     "DecompositionScore",
     "GeneralizedIntegratedGradients",
     "PFVDecomposer",
@@ -19,6 +32,10 @@ __all__ = [
     "alpha_max",
     "batchnorm_offset",
     "collect_pfvs",
+    "concept_deletion",
+    "concept_insertion",
+    "interlayer_deletion",
+    "interlayer_insertion",
     "expose_preactivations",
     "l0_ratio",
     "relative_l2",
