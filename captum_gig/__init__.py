@@ -5,16 +5,7 @@ from .concepts import BisectingSphericalKMeans, ConceptBasis, batchnorm_offset
 from .decompose import DecompositionScore, PFVDecomposer, alpha_max
 from .gig import GeneralizedIntegratedGradients
 from .graph import ConceptGraph
-from .metrics import (
-    Curve,
-    InterlayerCurves,
-    concept_deletion,
-    concept_insertion,
-    interlayer_deletion,
-    interlayer_insertion,
-    l0_ratio,
-    relative_l2,
-)
+from .metrics import l0_ratio, relative_l2
 from .pfv import PFVSet, collect_pfvs
 from .preactivation import expose_preactivations, remove_preactivations
 
@@ -23,8 +14,6 @@ __all__ = [
     "BisectingSphericalKMeans",
     "ConceptBasis",
     "ConceptGraph",
-    "Curve",
-    "InterlayerCurves",
     "DecompositionScore",
     "GeneralizedIntegratedGradients",
     "PFVDecomposer",
@@ -32,10 +21,6 @@ __all__ = [
     "alpha_max",
     "batchnorm_offset",
     "collect_pfvs",
-    "concept_deletion",
-    "concept_insertion",
-    "interlayer_deletion",
-    "interlayer_insertion",
     "expose_preactivations",
     "l0_ratio",
     "relative_l2",
