@@ -7,7 +7,7 @@ from torch import Tensor
 
 Data = Union[Tensor, Iterable]
 
-__all__ = ["iter_batches", "count_batches"]
+__all__ = ["iter_batches", "count_batches", "iter_shard", "count_shard"]
 
 
 def _split(item) -> Tuple[Tensor, Optional[Tensor]]:
@@ -55,3 +55,78 @@ def count_batches(data: Data, batch_size: int = 32) -> Optional[int]:
         return len(data)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def _loader_batches(data) -> Optional[list]:
+    """The index lists of a map-style DataLoader's batches, without loading any data (else None)."""
+    from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+
+    if not isinstance(data, DataLoader) or data.batch_sampler is None or isinstance(data.dataset, IterableDataset):
+        return None
+    if isinstance(data.sampler, RandomSampler):
+        raise ValueError(
+            "data is a shuffling DataLoader: in a distributed run every process must see the images in the "
+            "same order; use shuffle=False (the order defines the global image index)"
+        )
+    return [list(b) for b in data.batch_sampler]
+
+
+def iter_shard(
+    data: Data, batch_size: int = 32, rank: int = 0, world_size: int = 1
+) -> Iterator[Tuple[int, Tensor, Optional[Tensor]]]:
+    """Yield ``(global index of the first image, images, labels or None)`` of this rank's batches.
+
+    The data is cut into the same batches as :func:`iter_batches`; rank ``r``
+    of ``W`` takes batches ``r, r + W, ...`` and the start index counts images
+    in the order of the whole data, so results that depend on the image index
+    (e.g. per-image random draws) do not depend on ``W``. Single-process
+    (``W = 1``) it yields every batch.
+
+    A tensor is sliced; a DataLoader over a map-style dataset is rebuilt on
+    this rank's batches only (no other image is loaded); any other iterable is
+    read whole by every rank, skipping the other ranks' batches.
+    """
+    if world_size == 1:
+        start = 0
+        for images, labels in iter_batches(data, batch_size):
+            yield start, images, labels
+            start += images.shape[0]
+        return
+    if isinstance(data, Tensor):
+        if data.dim() < 2:
+            raise ValueError(f"data as a tensor must be a batch of images (N, ...); got shape {tuple(data.shape)}")
+        for start in range(rank * batch_size, data.shape[0], world_size * batch_size):
+            yield start, data[start : start + batch_size], None
+        return
+    batches = _loader_batches(data)
+    if batches is not None:
+        from torch.utils.data import DataLoader
+
+        starts = [0]
+        for b in batches:
+            starts.append(starts[-1] + len(b))
+        mine = list(range(rank, len(batches), world_size))
+        loader = DataLoader(
+            data.dataset,
+            batch_sampler=[batches[i] for i in mine],
+            num_workers=data.num_workers,
+            collate_fn=data.collate_fn,
+            pin_memory=data.pin_memory,
+            worker_init_fn=data.worker_init_fn,
+        )
+        for i, (images, labels) in zip(mine, iter_batches(loader, batch_size)):
+            yield starts[i], images, labels
+        return
+    start = 0
+    for number, (images, labels) in enumerate(iter_batches(data, batch_size)):
+        if number % world_size == rank:
+            yield start, images, labels
+        start += images.shape[0]
+
+
+def count_shard(data: Data, batch_size: int = 32, rank: int = 0, world_size: int = 1) -> Optional[int]:
+    """Number of batches :func:`iter_shard` yields, when known without iterating."""
+    total = count_batches(data, batch_size)
+    if total is None:
+        return None
+    return len(range(rank, total, world_size))
