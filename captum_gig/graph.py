@@ -512,3 +512,208 @@ class ConceptGraph:
             g.add_edge(key[e["source"]], key[e["target"]], gig=e["gig"], weight=e["weight"])
         return g
 
+
+    # -- pictures -------------------------------------------------------------------------------
+    def positions(self) -> Dict[str, Tuple[float, float]]:
+        """Layered layout: ``id -> (x, y)`` in [0, 1]; classes on top, the first layer at the bottom.
+
+        Within a layer, nodes of the first class come left, shared ones in the
+        middle, those of the last class right; each group by relevance.
+        """
+        rows = [CLASS_LAYER] + self.layers[::-1]
+        pos: Dict[str, Tuple[float, float]] = {}
+        rank = {c: i for i, c in enumerate(self.targets)}
+        for r, layer in enumerate(rows):
+            members = [n for n in self.nodes if n["layer"] == layer]
+
+            def key(n):
+                side = sum(rank[c] for c in n["classes"]) / max(len(n["classes"]), 1)
+                best = max(n["scores"].values()) if n["scores"] else 0.0
+                return (side, -best, n["concept"])
+
+            members.sort(key=key)
+            y = (r + 0.5) / len(rows)
+            for j, n in enumerate(members):
+                pos[n["id"]] = ((j + 0.5) / len(members), y)
+        return pos
+
+    def _atlas_of(self, atlases) -> Dict[str, Any]:
+        if atlases is None:
+            return {}
+        if isinstance(atlases, dict):
+            return {str(k): v for k, v in atlases.items()}
+        return {a.layer: a for a in atlases}
+
+    def plot(
+        self,
+        path: Optional[str] = None,
+        atlases=None,
+        *,
+        min_weight: float = 0.0,
+        figsize: Optional[Tuple[float, float]] = None,
+        thumbnail_zoom: float = 0.5,
+        title: Optional[str] = None,
+        dpi: int = 150,
+    ):
+        r"""Static layered figure (matplotlib): classes on top, edge width and colour by weight.
+
+        Args:
+            path (str, optional): write a PNG (atomically) when given.
+            atlases (dict or list of ConceptAtlas, optional): per layer; a
+                        node whose concept is in its layer's atlas is drawn as
+                        its thumbnail (the nearest PFV's iERF crop).
+            min_weight (float, optional): hide weaker edges. Default: 0
+            figsize (tuple, optional): default grows with the graph.
+            thumbnail_zoom (float, optional): thumbnail scale. Default: 0.5
+            title (str, optional): figure title.
+            dpi (int, optional): PNG resolution. Default: 150
+
+        Returns:
+            matplotlib.figure.Figure
+        """
+        import os
+
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+        atlases = self._atlas_of(atlases)
+        pos = self.positions()
+        widest = max(sum(1 for n in self.nodes if n["layer"] == layer) for layer in [CLASS_LAYER] + self.layers)
+        n_rows = len(self.layers) + 1
+        figsize = figsize or (max(6.0, 1.25 * widest + 1.5), max(4.0, 1.6 * n_rows))
+        fig, ax = plt.subplots(figsize=figsize)
+        ax.set_xlim(-0.08, 1.02)
+        ax.set_ylim(1.0, 0.0)
+        ax.axis("off")
+        blues, reds = matplotlib.colormaps["Blues"], matplotlib.colormaps["Reds"]
+        # half a thumbnail's height in axes units (OffsetImage sizes are in points): edges end at the frames
+        ax_points = fig.get_size_inches()[1] * 72 * 0.9
+        crop_px = max((a.meta.get("crop_size", 64) for a in atlases.values()), default=64)
+        dy = (crop_px * thumbnail_zoom / 2 + 3) / ax_points if atlases else 0.12 / n_rows
+        for e in sorted(self.edges, key=lambda e: e["weight"]):
+            if e["weight"] < min_weight:
+                continue
+            (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
+            cmap = reds if e["gig"] < 0 else blues
+            ax.plot([x0, x1], [y0 - dy, y1 + dy], color=cmap(0.25 + 0.75 * e["weight"]),
+                    linewidth=0.3 + 4.0 * e["weight"], alpha=0.35 + 0.65 * e["weight"], zorder=1, solid_capstyle="round")
+        for r, layer in enumerate([CLASS_LAYER] + self.layers[::-1]):
+            ax.text(-0.075, (r + 0.5) / n_rows, "classes" if layer == CLASS_LAYER else layer, fontsize=8,
+                    ha="left", va="center", color="#444", fontweight="bold")
+        for n in self.nodes:
+            x, y = pos[n["id"]]
+            atlas = atlases.get(n["layer"])
+            edge = "#e08a00" if n["shared"] else ("#23407a" if n["kind"] == "class" else "#555")
+            if atlas is not None and n["concept"] in atlas.entries:
+                box = AnnotationBbox(OffsetImage(atlas.thumbnail(n["concept"]), zoom=thumbnail_zoom), (x, y), frameon=True,
+                                     pad=0.15, bboxprops={"edgecolor": edge, "linewidth": 2.0 if n["shared"] else 0.8})
+                box.set_zorder(3)
+                ax.add_artist(box)
+                ax.text(x + dy * figsize[1] / figsize[0] + 0.004, y + dy, f"#{n['concept']}", ha="left", va="bottom",
+                        fontsize=6.5, zorder=4)
+            else:
+                label = n["name"] if n["kind"] == "class" else f"#{n['concept']}"
+                ax.text(x, y, label, ha="center", va="center", fontsize=7.5, zorder=4,
+                        bbox={"boxstyle": "round,pad=0.35", "fc": "#e8eef8" if n["kind"] == "class" else "white",
+                              "ec": edge, "lw": 2.0 if n["shared"] else 0.8})
+        if title is None:
+            names = [self.node(CLASS_LAYER, c)["name"] for c in self.targets]
+            title = "Concept graph for " + " & ".join(names)
+            if len(self.targets) > 1:
+                title += "  (orange frame: shared concepts)"
+        ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        if path is not None:
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
+            fig.savefig(tmp, dpi=dpi, format="png")
+            os.replace(tmp, path)
+        return fig
+
+    def to_html(
+        self,
+        path: Optional[str] = None,
+        atlases=None,
+        *,
+        title: Optional[str] = None,
+        node_size: int = 56,
+        min_weight: float = 0.0,
+        n_edges_listed: int = 5,
+    ) -> str:
+        r"""A self-contained interactive page (plain SVG + a little JS, no CDN, works offline).
+
+        The layered graph with concept thumbnails; hover a node for its
+        relevance scores (and an edge for its GIG); click a node to see its
+        atlas (the iERF crops of its nearest PFVs) and its strongest incoming
+        and outgoing edges; a slider hides edges weaker than a threshold.
+
+        Args:
+            path (str, optional): write the page (atomically) when given.
+            atlases (dict or list of ConceptAtlas, optional): per layer.
+            title (str, optional): page title.
+            node_size (int, optional): thumbnail side in pixels. Default: 56
+            min_weight (float, optional): initial edge-strength filter. Default: 0
+            n_edges_listed (int, optional): edges listed per direction. Default: 5
+
+        Returns:
+            str: the HTML text.
+        """
+        from importlib import resources
+
+        from .atlas import png_data_uri
+
+        atlases = self._atlas_of(atlases)
+        pos = self.positions()
+        n_rows = len(self.layers) + 1
+        widest = max(sum(1 for n in self.nodes if n["layer"] == layer) for layer in [CLASS_LAYER] + self.layers)
+        gap = node_size + 34
+        width = int(110 + widest * (node_size + 28))
+        height = int(n_rows * gap + 20)
+        label_of = {}
+        for c in self.targets:
+            label_of[str(c)] = self.node(CLASS_LAYER, c)["name"]
+        nodes, atlas_data = [], {}
+        for n in self.nodes:
+            x, y = pos[n["id"]]
+            item = {k: n[k] for k in ("id", "layer", "concept", "kind", "name", "scores", "classes", "shared")}
+            item["x"] = round(100 + x * (width - 110), 2)
+            item["y"] = round(10 + y * (height - 20), 2)
+            atlas = atlases.get(n["layer"])
+            if atlas is not None and n["concept"] in atlas.entries:
+                item["thumbnail"] = png_data_uri(atlas.thumbnail(n["concept"]))
+                atlas_data[n["id"]] = [
+                    {"src": png_data_uri(crop), "cosine": e["cosine"],
+                     "caption": e["class_name"] or (f"label {e['label']}" if e["label"] >= 0 else f"image {e['image']}")}
+                    for crop, e in zip(atlas.crops[n["concept"]], atlas.entries[n["concept"]])
+                ]
+            nodes.append(item)
+        rows = [{"label": "classes" if layer == CLASS_LAYER else layer, "y": round(10 + (r + 0.5) / n_rows * (height - 20), 2)}
+                for r, layer in enumerate([CLASS_LAYER] + self.layers[::-1])]
+        data = {
+            "nodes": nodes, "edges": self.edges, "atlas": atlas_data, "layer_rows": rows, "width": width,
+            "height": height, "node_size": node_size, "class_label": label_of, "n_edges_listed": n_edges_listed,
+        }
+        if title is None:
+            title = "Concept graph: " + " & ".join(label_of[str(c)] for c in self.targets)
+        assets = resources.files("captum_gig") / "_html"
+        template = (assets / "graph.html").read_text(encoding="utf-8")
+        css = (assets / "graph.css").read_text(encoding="utf-8")
+        js = (assets / "graph.js").read_text(encoding="utf-8")
+        payload = json.dumps(data, allow_nan=False).replace("</", "<\\/")
+        import html as _html
+
+        page = (
+            template.replace("__CSS__", css)
+            .replace("__JS__", js)
+            .replace("__MIN_WEIGHT__", f"{float(min_weight):.2f}")
+            .replace("__TITLE__", _html.escape(title))
+            .replace("__DATA__", payload)
+        )
+        if path is not None:
+            atomic_write_text(path, page)
+        return page

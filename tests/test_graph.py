@@ -176,3 +176,18 @@ def test_to_networkx(pair_graph):
     assert data["gig"] == e["gig"] and data["weight"] == e["weight"]
     assert nx.is_directed_acyclic_graph(g)
     assert {("class", 0), ("class", 3)} <= set(g.nodes)
+
+
+def test_plot_draws_one_line_per_shown_edge_and_writes_a_png(tmp_path):
+    require("matplotlib")
+    torch.manual_seed(0)
+    g = ConceptGraph.from_attributions(["a", "b"], torch.rand(6), [torch.randn(5, 6)], target=2, top_k=3)
+    path = str(tmp_path / "g.png")
+    fig = g.plot(path, min_weight=0.3)
+    ax = fig.axes[0]
+    assert len(ax.lines) == sum(1 for e in g.edges if e["weight"] >= 0.3)
+    widths = sorted(line.get_linewidth() for line in ax.lines)
+    assert widths[-1] == pytest.approx(0.3 + 4.0)  # the strongest edge of its pair has weight 1
+    from PIL import Image
+
+    assert Image.open(path).size[0] > 500
