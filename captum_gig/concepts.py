@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from ._io import as_json_value, load_artifact, save_artifact
 
 __all__ = ["BisectingSphericalKMeans", "ConceptBasis", "batchnorm_offset", "resolve_offset", "register_extractor"]
@@ -119,10 +120,10 @@ class BisectingSphericalKMeans:
         self.seed = seed
         self.progress = progress
 
-    # Sums over rows go through this; a distributed fit replaces it by an all_reduce.
+    # Sums over rows go through this: an all_reduce in a distributed fit, the identity otherwise.
     @staticmethod
     def _reduce(t: Tensor) -> Tensor:
-        return t
+        return _dist.all_reduce(t)
 
     def fit(self, X: Tensor, y=None) -> "BisectingSphericalKMeans":
         X = _check_pfvs(X)
@@ -133,7 +134,11 @@ class BisectingSphericalKMeans:
         if k > n:
             raise ValueError(f"n_clusters={k} exceeds the number of PFVs ({n})")
         Y = torch.nn.functional.normalize(X, dim=1)
-        members: List[Tensor] = [torch.arange(n, device=X.device)]
+        # distributed: this process works on rows rank, rank + W, ... (every sum goes through _reduce)
+        rows = _dist.shard_indices(n).to(X.device) if _dist.is_distributed() else torch.arange(n, device=X.device)
+        if _dist.is_distributed():
+            Y = Y[rows]
+        members: List[Tensor] = [torch.arange(Y.shape[0], device=X.device)]
         heap: List[Tuple[int, int]] = [(-n, 0)]
         history: List[Tuple[int, int]] = []
         with tqdm(total=k - 1, disable=not self.progress, desc="bisecting k-means", unit="split") as bar:
@@ -141,15 +146,20 @@ class BisectingSphericalKMeans:
                 neg_size, j = heapq.heappop(heap)
                 idx = members[j]
                 history.append((j, -neg_size))
-                right = self._split(Y[idx], split_number=len(history) - 1)
+                right = self._split(Y[idx], split_number=len(history) - 1, row_ids=rows[idx])
                 members[j], new = idx[~right], idx[right]
                 members.append(new)
-                heapq.heappush(heap, (-members[j].shape[0], j))
-                heapq.heappush(heap, (-new.shape[0], len(members) - 1))
+                sizes = self._reduce(torch.tensor([members[j].shape[0], new.shape[0]], dtype=torch.float64, device=X.device))
+                heapq.heappush(heap, (-int(sizes[0]), j))
+                heapq.heappush(heap, (-int(sizes[1]), len(members) - 1))
                 bar.update(1)
-        labels = torch.empty(n, dtype=torch.long, device=X.device)
+        labels = torch.empty(Y.shape[0], dtype=torch.long, device=X.device)
         for j, idx in enumerate(members):
             labels[idx] = j
+        if _dist.is_distributed():  # every process gets all labels, in row order
+            full = torch.empty(n, dtype=torch.long, device=X.device)
+            full[torch.cat(_dist.all_gather(rows))] = torch.cat(_dist.all_gather(labels))
+            labels, Y = full, torch.nn.functional.normalize(X, dim=1)
         centers = torch.zeros(k, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, labels, Y)
         self.labels_ = labels
         self.cluster_centers_ = torch.nn.functional.normalize(centers, dim=1)
@@ -161,7 +171,7 @@ class BisectingSphericalKMeans:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + split_number)
         return torch.randn(c, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
-    def _split(self, Y: Tensor, split_number: int) -> Tensor:
+    def _split(self, Y: Tensor, split_number: int, row_ids: Optional[Tensor] = None) -> Tensor:
         """Boolean mask of the rows of ``Y`` (unit rows) that form the new cluster."""
         red = self._reduce
         n = red(torch.tensor(float(Y.shape[0]), dtype=Y.dtype, device=Y.device))
@@ -182,7 +192,7 @@ class BisectingSphericalKMeans:
                 break
         right = (Y @ v - mean @ v) > 0
         if not _both_sides(right, red):
-            right = torch.arange(Y.shape[0], device=Y.device) % 2 == 1
+            right = _alternate(Y.shape[0], row_ids, Y.device)
         # spherical 2-means
         for _ in range(self.max_iter):
             s1 = red(Y.t() @ right.to(Y.dtype))
@@ -196,6 +206,14 @@ class BisectingSphericalKMeans:
             if changed == 0:
                 break
         return right
+
+
+def _alternate(n_local: int, row_ids: Optional[Tensor], device) -> Tensor:
+    """Every other row of a cluster (by its position among the cluster's rows in the whole data)."""
+    if row_ids is None or not _dist.is_distributed():
+        return torch.arange(n_local, device=device) % 2 == 1
+    everyone = torch.sort(torch.cat(_dist.all_gather(row_ids))).values
+    return torch.searchsorted(everyone, row_ids) % 2 == 1
 
 
 def _both_sides(mask: Tensor, red) -> bool:

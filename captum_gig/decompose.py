@@ -8,6 +8,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import _layout
+from . import distributed as _dist
 from .concepts import ConceptBasis
 from .metrics import l0_ratio, relative_l2
 
@@ -163,19 +164,25 @@ class PFVDecomposer:
         return Xl
 
     # -- API -------------------------------------------------------------------------------
-    def transform(self, X: ArrayLike) -> ArrayLike:
+    def transform(self, X: ArrayLike, *, distributed: bool = False) -> ArrayLike:
         r"""Sparse coefficients of PFVs.
 
         Args:
             X (Tensor or ndarray): ``(..., C)``, ``(N, T, C)`` or ``(N, C, H, W)``.
+            distributed (bool, optional): every process passes the same ``X``;
+                        under ``torch.distributed`` each solves its share of the
+                        chunks of ``chunk_size`` rows and the coefficients are
+                        gathered (see :mod:`captum_gig.distributed`). Default: False
 
         Returns:
             Tensor or ndarray: ``(..., K)``, ``(N, T, K)`` or ``(N, K, H, W)``.
         """
         if isinstance(X, np.ndarray):
-            return self.transform(torch.from_numpy(X).to(self.basis.vectors.device)).cpu().numpy()
+            return self.transform(torch.from_numpy(X).to(self.basis.vectors.device), distributed=distributed).cpu().numpy()
         if not isinstance(X, Tensor):
             raise TypeError(f"X must be a tensor or ndarray; got {type(X).__name__}")
+        if distributed and _dist.is_distributed():
+            return _dist.sharded_transform(self, X)
         Xl = self._channels_last(X, "X")
         flat = Xl.reshape(-1, self.n_channels)
         if not torch.isfinite(flat).all():

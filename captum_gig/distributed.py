@@ -40,6 +40,7 @@ __all__ = [
     "all_gather_object",
     "broadcast_object",
     "barrier",
+    "sharded_transform",
 ]
 
 
@@ -186,3 +187,34 @@ def barrier() -> None:
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
+
+
+def sharded_transform(decomposer, X: Tensor) -> Tensor:
+    """``decomposer.transform(X)`` with the chunks of rows shared out over the processes.
+
+    Every process passes the same ``X``. The rows are cut into the chunks of
+    ``decomposer.chunk_size`` that a single process would solve together; rank
+    ``r`` solves chunks ``r, r + W, ...`` and the coefficients are all-gathered,
+    so the result is the single-process one on every process. Used by
+    ``PFVDecomposer.transform(X, distributed=True)``.
+    """
+    from . import _layout
+
+    Xl = decomposer._channels_last(X, "X")
+    flat = Xl.reshape(-1, decomposer.n_channels)
+    size = decomposer.chunk_size
+    n_chunks = (flat.shape[0] + size - 1) // size
+    mine = shard_indices(n_chunks).tolist()
+    local = [flat[c * size : (c + 1) * size] for c in mine]
+    if local:
+        U_local = decomposer.transform(torch.cat(local))
+    else:
+        U_local = torch.empty(0, decomposer.n_concepts, dtype=flat.dtype, device=flat.device)
+    U = torch.empty(flat.shape[0], decomposer.n_concepts, dtype=U_local.dtype, device=flat.device)
+    for r, part in enumerate(all_gather(U_local)):
+        offset = 0
+        for c in range(r, n_chunks, world_size()):
+            rows = min(size, flat.shape[0] - c * size)
+            U[c * size : c * size + rows] = part[offset : offset + rows].to(U.device)
+            offset += rows
+    return _layout.move_channels_back(U.reshape(*Xl.shape[:-1], decomposer.n_concepts), X.dim())

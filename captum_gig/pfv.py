@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import _layout
-from ._data import Data, count_batches, iter_batches
+from . import distributed as _dist
+from ._data import Data, count_shard, iter_shard
 from ._hooks import LayerSpec, check_inputs, check_runs_once, frozen, model_device, resolve_layer, run_until, tap
 from ._io import as_json_value, load_artifact, save_artifact
 
@@ -278,10 +279,17 @@ def collect_pfvs(
     n_images = 0
     has_labels = True
 
+    rank, world = _dist.rank(), _dist.world_size()
+    n_channels: Optional[int] = None
     with frozen(model):
-        bar = tqdm(total=count_batches(data, batch_size), disable=not progress, desc=f"PFVs of {name}", unit="batch")
+        bar = tqdm(
+            total=count_shard(data, batch_size, rank, world),
+            disable=not progress or not _dist.is_main_process(),
+            desc=f"PFVs of {name}",
+            unit="batch",
+        )
         try:
-            for batch_number, (images, labels) in enumerate(iter_batches(data, batch_size)):
+            for batch_number, (first, images, labels) in enumerate(iter_shard(data, batch_size, rank, world)):
                 images = images.to(device)
                 check_inputs(model, images, f"images of batch {batch_number}")
                 n = images.shape[0]
@@ -300,6 +308,7 @@ def collect_pfvs(
                 pfvs = _layout.to_pfvs(activation.detach())  # (n, P, C)
                 if spatial is None:
                     spatial = _layout.spatial_shape(activation)
+                    n_channels = pfvs.shape[2]
                 n_pos = pfvs.shape[1]
                 if sampling != "all" and per_image > n_pos:
                     raise ValueError(f"per_image={per_image} exceeds the {n_pos} positions of layer {name!r}")
@@ -317,13 +326,13 @@ def collect_pfvs(
                 if sampling == "all":
                     chosen = torch.arange(n_pos, device=pfvs.device).expand(n, n_pos)
                 else:
-                    chosen = _sample_positions(relevance, per_image, n_images, seed, uniform=sampling == "uniform")
+                    chosen = _sample_positions(relevance, per_image, first, seed, uniform=sampling == "uniform")
                     chosen = chosen.to(pfvs.device)
                 k = chosen.shape[1]
                 rows = torch.arange(n, device=pfvs.device).unsqueeze(1).expand(n, k)
                 parts["vectors"].append(pfvs[rows, chosen].reshape(n * k, -1))
                 parts["position"].append(chosen.reshape(-1).long().cpu())
-                parts["image_index"].append((torch.arange(n).unsqueeze(1) + n_images).expand(n, k).reshape(-1))
+                parts["image_index"].append((torch.arange(n).unsqueeze(1) + first).expand(n, k).reshape(-1))
                 lab = labels.cpu().long() if labels is not None else torch.full((n,), -1, dtype=torch.long)
                 parts["labels"].append(lab.unsqueeze(1).expand(n, k).reshape(-1))
                 parts["target"].append(targets.cpu().unsqueeze(1).expand(n, k).reshape(-1))
@@ -333,6 +342,8 @@ def collect_pfvs(
         finally:
             bar.close()
 
+    if world > 1:
+        parts, n_images, spatial, has_labels = _gather_parts(parts, n_images, spatial, n_channels, has_labels)
     if n_images == 0:
         raise ValueError("data yielded no images")
     meta = {
@@ -355,3 +366,28 @@ def collect_pfvs(
         spatial_shape=spatial or (),
         meta=meta,
     )
+
+
+def _gather_parts(parts, n_images, spatial, n_channels, has_labels):
+    """Collect every rank's PFVs, in the global image order of a single-process run."""
+    infos = _dist.all_gather_object((n_images, spatial, n_channels, has_labels))
+    n_total = sum(i[0] for i in infos)
+    shapes = {(i[1], i[2]) for i in infos if i[0] > 0}
+    if len(shapes) > 1:
+        raise ValueError(f"processes saw different layer shapes (grid, channels): {sorted(shapes, key=str)}")
+    if not shapes:
+        return parts, 0, spatial, has_labels
+    spatial, n_channels = shapes.pop()
+    has_labels = all(i[3] for i in infos if i[0] > 0)
+    if not parts["vectors"]:  # this rank had no batch: contribute empty tensors of the right kind
+        dtype = torch.get_default_dtype()
+        parts["vectors"].append(torch.empty(0, n_channels, dtype=dtype))
+        for key, dt in (("position", torch.long), ("image_index", torch.long), ("labels", torch.long),
+                        ("target", torch.long), ("relevance", torch.float32)):
+            parts[key].append(torch.empty(0, dtype=dt))
+    local = {k: torch.cat(v) for k, v in parts.items()}
+    gathered = {k: torch.cat([p.to(local["vectors"].device if k == "vectors" else p.device) for p in _dist.all_gather(t)])
+                for k, t in local.items()}
+    order = torch.sort(gathered["image_index"], stable=True).indices
+    merged = {k: [t[order.to(t.device)]] for k, t in gathered.items()}
+    return merged, n_total, spatial, has_labels

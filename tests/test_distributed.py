@@ -1,0 +1,124 @@
+"""Data-parallel stages under torch.distributed (Gloo, 2 CPU processes) equal single-process results."""
+
+import os
+import socket
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from captum_gig import BisectingSphericalKMeans, ConceptBasis, PFVDecomposer, alpha_max, collect_pfvs
+from captum_gig import distributed as dist_
+from captum_gig._data import iter_batches, iter_shard
+from captum_gig.aggregate import class_attribution
+
+from helpers import SmallCNN, randomize_bn
+
+WORLD = 2
+
+
+def _workload():
+    """The same model and data in every process."""
+    torch.manual_seed(0)
+    model = randomize_bn(SmallCNN(channels=(4, 6, 8), num_classes=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(12, 3, 12, 12, generator=g)
+    labels = torch.randint(0, 4, (12,), generator=g)
+    blobs = torch.cat([torch.randn(10, 5, generator=g), torch.ones(7, 5)])  # 7 identical rows: degenerate splits
+    return model, images, labels, blobs
+
+
+def _pipeline(model, images, labels, blobs):
+    """Every distributed stage; returns flat tensors to compare."""
+    loader = DataLoader(TensorDataset(images, labels), batch_size=3)  # 4 batches
+    pfvs = collect_pfvs(model, "block2", loader, per_image=3, seed=5, progress=False)
+    uniform = collect_pfvs(model, "block3", images, sampling="uniform", per_image=2, batch_size=5, seed=2, progress=False)
+    basis = ConceptBasis.fit(pfvs, 12, offset="mean", seed=3, progress=False)
+    alpha = 0.1 * float(alpha_max(basis, pfvs.vectors).median())
+    dec = PFVDecomposer(basis, alpha=alpha, chunk_size=8)  # 36 rows: 5 chunks
+    U = dec.transform(pfvs.vectors, distributed=True)
+    res = class_attribution(model, "block2", dec, loader, by="label", n_steps=4, progress=False)
+    km = BisectingSphericalKMeans(9, seed=1).fit(blobs)
+    out = {"centres": km.cluster_centers_, "km_labels": km.labels_, "split_sizes": torch.tensor(km.split_history_),
+           "vectors": basis.vectors, "offset": basis.offset, "basis_labels": basis.labels, "sizes": basis.sizes,
+           "U": U, "classes": res.classes, "mean": res.mean, "counts": res.counts}
+    for name, s in (("pfv", pfvs), ("upfv", uniform)):
+        for field, t in s._fields().items():
+            out[f"{name}_{field}"] = t
+    return {k: v.contiguous() for k, v in out.items() if v is not None}
+
+
+def _worker(rank, port, folder):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        assert dist_.is_distributed() and dist_.world_size() == WORLD and dist_.rank() == rank
+        out = _pipeline(*_workload())
+        out["local_shard"] = dist_.shard_indices(7)
+        save_file(out, os.path.join(folder, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    torch.set_num_threads(1)
+    assert not dist_.is_distributed()
+    single = _pipeline(*_workload())
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    assert ranks[0]["local_shard"].tolist() == [0, 2, 4, 6] and ranks[1]["local_shard"].tolist() == [1, 3, 5]
+    exact = {"km_labels", "split_sizes", "basis_labels", "sizes", "classes", "counts"}
+    exact |= {k for k in single if k.endswith(("_image_index", "_position", "_labels", "_target"))}
+    assert single["pfv_vectors"].shape == (36, 6) and single["upfv_vectors"].shape == (24, 8)
+    assert single["classes"].numel() >= 2 and int((single["U"] != 0).sum()) > 0
+    for got in ranks:
+        for key, want in single.items():
+            if key in exact:
+                assert torch.equal(got[key], want), key
+            else:
+                torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=key)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "loader", "iterable"])
+def test_shards_cover_every_batch_once(kind):
+    images = torch.arange(23.0).view(23, 1, 1, 1).expand(23, 1, 2, 2)
+    labels = torch.arange(23)
+    data = {
+        "tensor": images,
+        "loader": DataLoader(TensorDataset(images, labels), batch_size=4),
+        "iterable": [(images[i : i + 4], labels[i : i + 4]) for i in range(0, 23, 4)],
+    }[kind]
+    single = [(s, im) for s, im, _ in iter_shard(data, 4)]
+    assert [s for s, _ in single] == list(range(0, 23, 4))
+    assert torch.equal(torch.cat([im for _, im in single]), images)
+    for world in (2, 3, 7):
+        seen = sorted((s, im[:, 0, 0, 0].tolist()) for r in range(world) for s, im, _ in iter_shard(data, 4, r, world))
+        assert seen == [(s, im[:, 0, 0, 0].tolist()) for s, im in single]
+        for r in range(world):  # rank r takes batches r, r + W, ...
+            assert [s for s, _, _ in iter_shard(data, 4, r, world)] == list(range(4 * r, 23, 4 * world))
+    assert [b.shape[0] for b, _ in iter_batches(data, 4)] == [4, 4, 4, 4, 4, 3]
+
+
+def test_single_process_helpers_are_no_ops():
+    t = torch.arange(5.0)
+    assert not dist_.is_distributed() and dist_.rank() == 0 and dist_.world_size() == 1 and dist_.is_main_process()
+    assert dist_.all_reduce(t) is t and dist_.all_gather(t)[0] is t
+    assert dist_.all_gather_object({"a": 1}) == [{"a": 1}] and dist_.broadcast_object(3) == 3
+    assert dist_.shard_indices(7, 1, 3).tolist() == [1, 4]
+    with pytest.raises(ValueError, match="rank"):
+        dist_.shard_indices(7, 3, 3)
+    shuffled = DataLoader(TensorDataset(torch.zeros(4, 1, 2, 2)), batch_size=2, shuffle=True)
+    with pytest.raises(ValueError, match="shuffle"):
+        list(iter_shard(shuffled, 2, 0, 2))
