@@ -146,7 +146,7 @@ class BisectingSphericalKMeans:
                 neg_size, j = heapq.heappop(heap)
                 idx = members[j]
                 history.append((j, -neg_size))
-                right = self._split(Y[idx], split_number=len(history) - 1, row_ids=rows[idx])
+                right = _dist.split_cluster(self, Y[idx], rows[idx], -neg_size, len(history) - 1)
                 members[j], new = idx[~right], idx[right]
                 members.append(new)
                 sizes = self._reduce(torch.tensor([members[j].shape[0], new.shape[0]], dtype=torch.float64, device=X.device))

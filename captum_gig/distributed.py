@@ -23,6 +23,7 @@ and in the script call :func:`init_from_env` (or
 """
 
 import os
+from contextlib import contextmanager
 from typing import Any, List, Optional
 
 import torch
@@ -41,6 +42,8 @@ __all__ = [
     "broadcast_object",
     "barrier",
     "sharded_transform",
+    "split_cluster",
+    "local_only",
 ]
 
 
@@ -50,10 +53,30 @@ def _dist():
     return dist
 
 
+_LOCAL = [False]  # inside local_only(): every helper behaves as in a single process
+
+#: clusters with fewer rows than this are gathered and split by every process on its own
+#: copy (no per-iteration all_reduce: splits of small clusters are latency-bound)
+LOCAL_SPLIT_ROWS = 16384
+
+
 def is_distributed() -> bool:
     """True when a process group with more than one process is initialised."""
+    if _LOCAL[0]:
+        return False
     dist = _dist()
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local_only():
+    """Within this block the helpers act as in a single process (no collectives)."""
+    before = _LOCAL[0]
+    _LOCAL[0] = True
+    try:
+        yield
+    finally:
+        _LOCAL[0] = before
 
 
 def rank() -> int:
@@ -218,3 +241,24 @@ def sharded_transform(decomposer, X: Tensor) -> Tensor:
             U[c * size : c * size + rows] = part[offset : offset + rows].to(U.device)
             offset += rows
     return _layout.move_channels_back(U.reshape(*Xl.shape[:-1], decomposer.n_concepts), X.dim())
+
+
+def split_cluster(km, Y: Tensor, row_ids: Tensor, size: int, split_number: int) -> Tensor:
+    """One 2-means split of a bisecting k-means cluster; the mask of this process's rows that move.
+
+    ``Y`` holds this process's rows of the cluster (global row numbers
+    ``row_ids``), ``size`` the cluster's size over all processes. Large
+    clusters are split in place, every row sum all-reduced. A cluster smaller
+    than :data:`LOCAL_SPLIT_ROWS` is all-gathered instead, in global row
+    order, and every process splits the whole cluster exactly as a single
+    process would.
+    """
+    if not is_distributed() or size >= LOCAL_SPLIT_ROWS:
+        return km._split(Y, split_number, row_ids=row_ids)
+    everyone = torch.cat(all_gather(row_ids))
+    order = torch.sort(everyone).indices
+    rows = torch.cat([part.to(Y.device) for part in all_gather(Y)])[order.to(Y.device)]
+    with local_only():
+        right = km._split(rows, split_number)
+    position = torch.searchsorted(everyone[order], row_ids)
+    return right[position.to(right.device)]

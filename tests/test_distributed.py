@@ -34,13 +34,20 @@ def _pipeline(model, images, labels, blobs):
     loader = DataLoader(TensorDataset(images, labels), batch_size=3)  # 4 batches
     pfvs = collect_pfvs(model, "block2", loader, per_image=3, seed=5, progress=False)
     uniform = collect_pfvs(model, "block3", images, sampling="uniform", per_image=2, batch_size=5, seed=2, progress=False)
+    default_local = dist_.LOCAL_SPLIT_ROWS
+    # clusters of >= 10 rows split with all-reduced sums, smaller ones gathered (single-process: no effect)
+    dist_.LOCAL_SPLIT_ROWS = 10
     basis = ConceptBasis.fit(pfvs, 12, offset="mean", seed=3, progress=False)
     alpha = 0.1 * float(alpha_max(basis, pfvs.vectors).median())
     dec = PFVDecomposer(basis, alpha=alpha, chunk_size=8)  # 36 rows: 5 chunks
     U = dec.transform(pfvs.vectors, distributed=True)
     res = class_attribution(model, "block2", dec, loader, by="label", n_steps=4, progress=False)
+    dist_.LOCAL_SPLIT_ROWS = 0  # every split on sharded rows, also the degenerate ones
     km = BisectingSphericalKMeans(9, seed=1).fit(blobs)
-    out = {"centres": km.cluster_centers_, "km_labels": km.labels_, "split_sizes": torch.tensor(km.split_history_),
+    dist_.LOCAL_SPLIT_ROWS = 10**9  # every split gathered
+    km_gathered = BisectingSphericalKMeans(9, seed=1).fit(blobs)
+    dist_.LOCAL_SPLIT_ROWS = default_local
+    out = {"centres": km.cluster_centers_, "km_gathered_labels": km_gathered.labels_, "km_labels": km.labels_, "split_sizes": torch.tensor(km.split_history_),
            "vectors": basis.vectors, "offset": basis.offset, "basis_labels": basis.labels, "sizes": basis.sizes,
            "U": U, "classes": res.classes, "mean": res.mean, "counts": res.counts}
     for name, s in (("pfv", pfvs), ("upfv", uniform)):
@@ -79,7 +86,7 @@ def test_two_gloo_processes_equal_single_process(tmp_path):
     single = _pipeline(*_workload())
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     assert ranks[0]["local_shard"].tolist() == [0, 2, 4, 6] and ranks[1]["local_shard"].tolist() == [1, 3, 5]
-    exact = {"km_labels", "split_sizes", "basis_labels", "sizes", "classes", "counts"}
+    exact = {"km_labels", "km_gathered_labels", "split_sizes", "basis_labels", "sizes", "classes", "counts"}
     exact |= {k for k in single if k.endswith(("_image_index", "_position", "_labels", "_target"))}
     assert single["pfv_vectors"].shape == (36, 6) and single["upfv_vectors"].shape == (24, 8)
     assert single["classes"].numel() >= 2 and int((single["U"] != 0).sum()) > 0
