@@ -5,6 +5,8 @@ from .atlas import ConceptAtlas, concept_localisation, draw_localisation
 from .concepts import BisectingSphericalKMeans, ConceptBasis, batchnorm_offset
 from .decompose import DecompositionScore, PFVDecomposer, alpha_max
 from .gig import GeneralizedIntegratedGradients
+from . import distributed
+from .aggregate import ClassAttribution, class_attribution, interlayer_attribution
 from .graph import ConceptGraph
 from .ierf import IERFResult, ierf, receptive_fields
 from .metrics import l0_ratio, relative_l2
@@ -14,6 +16,7 @@ from .preactivation import expose_preactivations, remove_preactivations
 __all__ = [
     "__version__",
     "BisectingSphericalKMeans",
+    "ClassAttribution",
     "ConceptAtlas",
     "ConceptBasis",
     "ConceptGraph",
@@ -24,7 +27,10 @@ __all__ = [
     "PFVSet",
     "alpha_max",
     "batchnorm_offset",
+    "class_attribution",
     "collect_pfvs",
+    "distributed",
+    "interlayer_attribution",
     "concept_localisation",
     "draw_localisation",
     "expose_preactivations",
