@@ -671,7 +671,7 @@ class ConceptGraph:
         pos = self.positions()
         n_rows = len(self.layers) + 1
         widest = max(sum(1 for n in self.nodes if n["layer"] == layer) for layer in [CLASS_LAYER] + self.layers)
-        gap = node_size + 34
+        gap = int(node_size * 2.2) + 20
         width = int(110 + widest * (node_size + 28))
         height = int(n_rows * gap + 20)
         label_of = {}

@@ -51,12 +51,13 @@
   data.nodes.forEach(function (n) {
     var cls = "node " + n.kind + (n.shared ? " shared" : "");
     var g = el("g", { "class": cls, "data-id": n.id, transform: "translate(" + (n.x - S / 2) + "," + (n.y - S / 2) + ")" }, gNodes);
-    el("rect", { "class": "frame", x: -2, y: -2, width: S + 4, height: S + 4, rx: 3 }, g);
+    var wide = n.kind === "class" ? Math.max(S, 7 * n.name.length + 12) : S;  // class names fit their box
+    el("rect", { "class": "frame", x: -2 - (wide - S) / 2, y: -2, width: wide + 4, height: S + 4, rx: 3 }, g);
     if (n.thumbnail) {
       el("image", { href: n.thumbnail, x: 0, y: 0, width: S, height: S, preserveAspectRatio: "xMidYMid slice" }, g);
     } else {
       var t0 = el("text", { x: S / 2, y: S / 2 + 4, "text-anchor": "middle" }, g);
-      t0.textContent = n.kind === "class" ? n.name.slice(0, 12) : "#" + n.concept;
+      t0.textContent = n.kind === "class" ? n.name : "#" + n.concept;
     }
     if (n.thumbnail) {
       var lab = el("text", { x: S / 2, y: S + 13, "text-anchor": "middle" }, g);
