@@ -8,7 +8,7 @@ cores and one process one core: the comparison is of the parallel schedule,
 not of thread counts). A stage's time is the slowest rank's, between barriers.
 The results also check that every world size produced the same artifacts.
 
-    python benchmarks/distributed.py                 # about 2-4 min on 2 idle cores
+    python benchmarks/distributed.py                 # a few minutes on 2 idle cores
     python benchmarks/distributed.py --quick         # smoke run
 
 Writes ``benchmarks/results/distributed.json``.
@@ -80,12 +80,14 @@ def run_stages(args):
         out = fn()
         dist_.barrier()
         times[name] = time.perf_counter() - t0
+        if dist_.is_main_process():
+            print(f"  W={dist_.world_size()} {name}: {times[name]:.2f} s", flush=True)
         return out
 
     pfvs = timed("collect_pfvs", lambda: collect_pfvs(model, "block3", loader, per_image=args.per_image, seed=0, progress=False))
     basis = timed("concept_fit", lambda: ConceptBasis.fit(pfvs, min(8 * pfvs.n_channels, len(pfvs) // 8), offset=model.block3[1], seed=0, progress=False))
     alpha = 0.1 * float(alpha_max(basis, pfvs.vectors[:512]).median())
-    dec = PFVDecomposer(basis, alpha=alpha, chunk_size=args.chunk_size)
+    dec = PFVDecomposer(basis, alpha=alpha, chunk_size=args.chunk_size, solver=args.solver)
     U = timed("transform", lambda: dec.transform(pfvs.vectors, distributed=True))
     attr_loader = DataLoader(TensorDataset(images[: args.gig_images], labels[: args.gig_images]), batch_size=args.batch_size)
     res = timed("class_attribution", lambda: class_attribution(model, "block3", dec, attr_loader, by="label",
@@ -101,7 +103,10 @@ def _worker(rank, world, port, args, folder):
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from captum_gig import distributed as dist_
+
     torch.set_num_threads(args.threads)
+    dist_.LOCAL_SPLIT_ROWS = args.local_split_rows
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -125,18 +130,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, nargs="+", default=[1, 2])
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
-    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--images", type=int, default=64)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--per-image", type=int, default=24)
+    p.add_argument("--per-image", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--gig-images", type=int, default=64)
-    p.add_argument("--n-steps", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=128)
+    p.add_argument("--solver", default="fista", help="PFVDecomposer solver (default: fista, the reference)")
+    p.add_argument("--gig-images", type=int, default=32)
+    p.add_argument("--n-steps", type=int, default=8)
+    p.add_argument("--local-split-rows", type=int, default=256,
+                   help="k-means clusters smaller than this are gathered and split locally (library default 16384)")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
     p.add_argument("--out", default=os.path.join(HERE, "results", "distributed.json"))
     args = p.parse_args(argv)
     if args.quick:
-        args.images, args.per_image, args.gig_images, args.n_steps, args.chunk_size = 32, 8, 16, 8, 64
+        args.images, args.per_image, args.gig_images, args.n_steps, args.chunk_size = 16, 8, 8, 4, 32
 
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
