@@ -87,7 +87,10 @@ def run_stages(args):
     pfvs = timed("collect_pfvs", lambda: collect_pfvs(model, "block3", loader, per_image=args.per_image, seed=0, progress=False))
     basis = timed("concept_fit", lambda: ConceptBasis.fit(pfvs, min(8 * pfvs.n_channels, len(pfvs) // 8), offset=model.block3[1], seed=0, progress=False))
     alpha = 0.1 * float(alpha_max(basis, pfvs.vectors[:512]).median())
-    dec = PFVDecomposer(basis, alpha=alpha, chunk_size=args.chunk_size, solver=args.solver)
+    import inspect
+
+    solver = {"solver": args.solver} if "solver" in inspect.signature(PFVDecomposer).parameters else {}
+    dec = PFVDecomposer(basis, alpha=alpha, chunk_size=args.chunk_size, **solver)
     U = timed("transform", lambda: dec.transform(pfvs.vectors, distributed=True))
     attr_loader = DataLoader(TensorDataset(images[: args.gig_images], labels[: args.gig_images]), batch_size=args.batch_size)
     res = timed("class_attribution", lambda: class_attribution(model, "block3", dec, attr_loader, by="label",
