@@ -104,3 +104,61 @@ def test_channel_mismatch_and_bad_arguments():
         dec.transform(torch.tensor([[1.0, float("inf"), 0, 0]]))
     with pytest.raises(TypeError, match="ConceptBasis"):
         PFVDecomposer(torch.randn(8, 4))
+
+
+# -- the working-set solver against the FISTA reference and in degenerate cases --------------
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_working_set_and_fista_agree(positive):
+    X, V = problem(n=16, c=8, k=64, relu_like=True, seed=4)  # overcomplete: K = 8 C
+    basis = ConceptBasis(V)
+    alpha = float(0.2 * alpha_max(basis, X).median())
+    ws = PFVDecomposer(basis, alpha=alpha, tol=1e-9, positive=positive, solver="working_set").transform(X)
+    fista = PFVDecomposer(basis, alpha=alpha, tol=1e-6, max_iter=20000, positive=positive, solver="fista").transform(X)
+    o_ws, o_f = lasso_objective(X, ws, V, alpha), lasso_objective(X, fista, V, alpha)
+    assert (o_ws <= o_f * (1 + 1e-9)).all() and torch.allclose(o_ws, o_f, rtol=1e-5)  # the same optimum
+    assert ((ws != 0) == (fista.abs() > 1e-6)).double().mean() >= 0.98
+    with pytest.raises(ValueError, match="solver"):
+        PFVDecomposer(basis, solver="lars")
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_alpha_at_or_above_alpha_max_gives_zeros(positive):
+    X, V = problem(n=12, k=64, seed=5)
+    basis = ConceptBasis(V)
+    a_max = alpha_max(basis, X)
+    U = PFVDecomposer(basis, alpha=float(a_max.max()), positive=positive).transform(X)
+    assert (U == 0).all()
+    # per row: zero exactly where the row's own alpha_max is <= alpha, non-zero elsewhere
+    alpha = float(a_max.median())
+    U = PFVDecomposer(basis, alpha=alpha, tol=1e-8).transform(X)
+    assert torch.equal((U != 0).any(1), a_max > alpha * (1 + 1e-9))
+
+
+def test_duplicate_concepts_reach_the_optimum():
+    X, V = problem(n=30, c=12, k=48, relu_like=True, seed=6)
+    V = torch.cat([V, V[:16], 2 * V[:4]])  # exact and scaled duplicates: a singular Gram matrix
+    basis = ConceptBasis(V)
+    alpha = float(0.1 * alpha_max(basis, X).median())
+    U = PFVDecomposer(basis, alpha=alpha, tol=1e-8).transform(X)
+    corr = (X - U @ V) @ V.t()
+    assert (corr.abs() <= alpha * (1 + 1e-4)).all()
+    U_sk = torch.from_numpy(sparse_encode(X.numpy(), V.numpy(), algorithm="lasso_cd", alpha=alpha, max_iter=20000))
+    assert lasso_objective(X, U, V, alpha).sum() <= lasso_objective(X, U_sk, V, alpha).sum() * (1 + 1e-6)
+
+
+def test_no_pfvs_and_float32_agrees_with_float64():
+    X, V = problem(n=12, c=16, k=128, relu_like=True, seed=7)
+    for solver in ("working_set", "fista"):
+        dec = PFVDecomposer(ConceptBasis(V), alpha=0.3, solver=solver)
+        empty = dec.transform(torch.zeros(0, 16, dtype=torch.float64))
+        assert empty.shape == (0, 128) and empty.dtype == torch.float64
+        assert dec.transform(torch.zeros(0, 16, 2, 2, dtype=torch.float64)).shape == (0, 128, 2, 2)
+    U64 = PFVDecomposer(ConceptBasis(V), alpha=0.3, tol=1e-8).transform(X)
+    U32 = PFVDecomposer(ConceptBasis(V.float()), alpha=0.3, tol=1e-5).transform(X.float())
+    assert U32.dtype == torch.float32
+    o64 = lasso_objective(X, U64, V, 0.3)
+    o32 = lasso_objective(X, U32.double(), V, 0.3)
+    assert torch.allclose(o32, o64, rtol=1e-4)
+    assert (o64 <= o32 * (1 + 1e-7)).all()  # float64 is at least as good
