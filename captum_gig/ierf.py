@@ -17,7 +17,8 @@ this is exactly the set of pixels the position can depend on (a global
 operation such as attention makes it the whole image).
 """
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
+import weakref
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,8 @@ def to_display(images: Tensor) -> Tensor:
     return ((images.detach() - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
 
 
-_RF_CACHE: Dict[Tuple, Tensor] = {}
+# model -> {(layer, input side, shape, dtype, device): boxes}; entries go with their model
+_RF_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple, Tensor]]" = weakref.WeakKeyDictionary()
 
 
 def receptive_fields(
@@ -81,7 +83,8 @@ def receptive_fields(
 
     Returns:
         Tensor: ``(P, 4)`` int64 ``(top, left, bottom, right)`` per flat
-        position (bottom/right exclusive). Cached per model, layer and shape.
+        position (bottom/right exclusive). Costs ``H + W`` forwards to the
+        layer (one NaN row or column each), cached per model, layer and shape.
     """
     name, module = resolve_layer(model, layer)
     if len(input_shape) != 3:
@@ -89,9 +92,10 @@ def receptive_fields(
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = dtype or (param.dtype if param is not None else torch.get_default_dtype())
-    key = (id(model), name, attribute_to_layer_input, tuple(int(s) for s in input_shape), dtype, str(device))
-    if key in _RF_CACHE:
-        return _RF_CACHE[key]
+    key = (name, attribute_to_layer_input, tuple(int(s) for s in input_shape), dtype, str(device))
+    cache = _RF_CACHE.setdefault(model, {})
+    if key in cache:
+        return cache[key]
     c, h, w = (int(s) for s in input_shape)
     probes = torch.zeros(h + w, c, h, w, dtype=dtype, device=device)
     for i in range(h):
@@ -116,7 +120,7 @@ def receptive_fields(
     boxes = torch.stack([top, left, bottom, right], dim=1)
     boxes[none] = torch.tensor([0, 0, 0, 0])
     boxes = boxes.long()
-    _RF_CACHE[key] = boxes
+    cache[key] = boxes
     return boxes
 
 
