@@ -82,9 +82,11 @@ def iter_shard(
     (e.g. per-image random draws) do not depend on ``W``. Single-process
     (``W = 1``) it yields every batch.
 
-    A tensor is sliced; a DataLoader over a map-style dataset is rebuilt on
-    this rank's batches only (no other image is loaded); any other iterable is
-    read whole by every rank, skipping the other ranks' batches.
+    A tensor is sliced; an object with a method ``shard(rank, world_size)``
+    yielding ``(start, batch)`` pairs is asked for its batches; a DataLoader
+    over a map-style dataset is rebuilt on this rank's batches only (no other
+    image is loaded); any other iterable is read whole by every rank, skipping
+    the other ranks' batches.
     """
     if world_size == 1:
         start = 0
@@ -97,6 +99,11 @@ def iter_shard(
             raise ValueError(f"data as a tensor must be a batch of images (N, ...); got shape {tuple(data.shape)}")
         for start in range(rank * batch_size, data.shape[0], world_size * batch_size):
             yield start, data[start : start + batch_size], None
+        return
+    if callable(getattr(data, "shard", None)):  # data that can load one rank's batches only
+        for start, item in data.shard(rank, world_size):
+            images, labels = _split(item)
+            yield start, images, labels
         return
     batches = _loader_batches(data)
     if batches is not None:

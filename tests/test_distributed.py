@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from captum_gig import BisectingSphericalKMeans, ConceptBasis, PFVDecomposer, alpha_max, collect_pfvs
 from captum_gig import distributed as dist_
 from captum_gig._data import iter_batches, iter_shard
-from captum_gig.aggregate import class_attribution
+from captum_gig.aggregate import class_attribution, interlayer_attribution
 
 from helpers import SmallCNN, randomize_bn
 
@@ -42,6 +42,9 @@ def _pipeline(model, images, labels, blobs):
     dec = PFVDecomposer(basis, alpha=alpha, chunk_size=8)  # 36 rows: 5 chunks
     U = dec.transform(pfvs.vectors, distributed=True)
     res = class_attribution(model, "block2", dec, loader, by="label", n_steps=4, progress=False)
+    basis3 = ConceptBasis.fit(uniform, 6, offset=model.block3[1], seed=0, progress=False)
+    inter = interlayer_attribution(model, "block2", dec, "block3", basis3, images, targets=[0, 2, 5], by="all",
+                                   n_steps=2, batch_size=5, progress=False)
     dist_.LOCAL_SPLIT_ROWS = 0  # every split on sharded rows, also the degenerate ones
     km = BisectingSphericalKMeans(9, seed=1).fit(blobs)
     dist_.LOCAL_SPLIT_ROWS = 10**9  # every split gathered
@@ -49,7 +52,8 @@ def _pipeline(model, images, labels, blobs):
     dist_.LOCAL_SPLIT_ROWS = default_local
     out = {"centres": km.cluster_centers_, "km_gathered_labels": km_gathered.labels_, "km_labels": km.labels_, "split_sizes": torch.tensor(km.split_history_),
            "vectors": basis.vectors, "offset": basis.offset, "basis_labels": basis.labels, "sizes": basis.sizes,
-           "U": U, "classes": res.classes, "mean": res.mean, "counts": res.counts}
+           "U": U, "classes": res.classes, "mean": res.mean, "counts": res.counts,
+           "inter_mean": inter.mean, "inter_counts": inter.counts, "basis3": basis3.vectors}
     for name, s in (("pfv", pfvs), ("upfv", uniform)):
         for field, t in s._fields().items():
             out[f"{name}_{field}"] = t
@@ -90,7 +94,7 @@ def test_two_gloo_processes_equal_single_process(tmp_path):
         torch.set_num_threads(threads)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     assert ranks[0]["local_shard"].tolist() == [0, 2, 4, 6] and ranks[1]["local_shard"].tolist() == [1, 3, 5]
-    exact = {"km_labels", "km_gathered_labels", "split_sizes", "basis_labels", "sizes", "classes", "counts"}
+    exact = {"km_labels", "km_gathered_labels", "split_sizes", "basis_labels", "sizes", "classes", "counts", "inter_counts"}
     exact |= {k for k in single if k.endswith(("_image_index", "_position", "_labels", "_target"))}
     assert single["pfv_vectors"].shape == (36, 6) and single["upfv_vectors"].shape == (24, 8)
     assert single["classes"].numel() >= 2 and int((single["U"] != 0).sum()) > 0
@@ -102,7 +106,25 @@ def test_two_gloo_processes_equal_single_process(tmp_path):
                 torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=key)
 
 
-@pytest.mark.parametrize("kind", ["tensor", "loader", "iterable"])
+class _Shardable:
+    """Batches that a rank can load alone, through ``shard(rank, world_size)``."""
+
+    def __init__(self, images, size):
+        self.images, self.size, self.loaded = images, size, []
+
+    def __len__(self):
+        return (self.images.shape[0] + self.size - 1) // self.size
+
+    def __iter__(self):
+        return (self.images[i : i + self.size] for i in range(0, self.images.shape[0], self.size))
+
+    def shard(self, rank, world_size):
+        for number in range(rank, len(self), world_size):
+            self.loaded.append(number)
+            yield number * self.size, self.images[number * self.size : (number + 1) * self.size]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "loader", "iterable", "shardable"])
 def test_shards_cover_every_batch_once(kind):
     images = torch.arange(23.0).view(23, 1, 1, 1).expand(23, 1, 2, 2)
     labels = torch.arange(23)
@@ -110,6 +132,7 @@ def test_shards_cover_every_batch_once(kind):
         "tensor": images,
         "loader": DataLoader(TensorDataset(images, labels), batch_size=4),
         "iterable": [(images[i : i + 4], labels[i : i + 4]) for i in range(0, 23, 4)],
+        "shardable": _Shardable(images, 4),
     }[kind]
     single = [(s, im) for s, im, _ in iter_shard(data, 4)]
     assert [s for s, _ in single] == list(range(0, 23, 4))
@@ -120,6 +143,10 @@ def test_shards_cover_every_batch_once(kind):
         for r in range(world):  # rank r takes batches r, r + W, ...
             assert [s for s, _, _ in iter_shard(data, 4, r, world)] == list(range(4 * r, 23, 4 * world))
     assert [b.shape[0] for b, _ in iter_batches(data, 4)] == [4, 4, 4, 4, 4, 3]
+    if kind == "shardable":  # each rank loaded only its own batches
+        data.loaded.clear()
+        list(iter_shard(data, 4, 1, 3))
+        assert data.loaded == [1, 4]
 
 
 def test_single_process_helpers_are_no_ops():
