@@ -141,7 +141,7 @@ class BisectingSphericalKMeans:
         members: List[Tensor] = [torch.arange(Y.shape[0], device=X.device)]
         heap: List[Tuple[int, int]] = [(-n, 0)]
         history: List[Tuple[int, int]] = []
-        with tqdm(total=k - 1, disable=not self.progress, desc="bisecting k-means", unit="split") as bar:
+        with tqdm(total=k - 1, disable=not self.progress or not _dist.is_main_process(), desc="bisecting k-means", unit="split") as bar:
             while len(members) < k:
                 neg_size, j = heapq.heappop(heap)
                 idx = members[j]
