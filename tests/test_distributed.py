@@ -155,6 +155,9 @@ def test_single_process_helpers_are_no_ops():
     assert dist_.all_reduce(t) is t and dist_.all_gather(t)[0] is t
     assert dist_.all_gather_object({"a": 1}) == [{"a": 1}] and dist_.broadcast_object(3) == 3
     assert dist_.shard_indices(7, 1, 3).tolist() == [1, 4]
+    assert dist_.init_from_env() is False  # no WORLD_SIZE: nothing to join
+    with dist_.local_only():
+        assert not dist_.is_distributed()
     with pytest.raises(ValueError, match="rank"):
         dist_.shard_indices(7, 3, 3)
     shuffled = DataLoader(TensorDataset(torch.zeros(4, 1, 2, 2)), batch_size=2, shuffle=True)
