@@ -4,12 +4,22 @@ from ._version import __version__
 from .atlas import ConceptAtlas, concept_localisation, draw_localisation
 from .concepts import BisectingSphericalKMeans, ConceptBasis, batchnorm_offset
 from .decompose import DecompositionScore, PFVDecomposer, alpha_max
+from . import extractors  # registers the "kmeans", "dictionary" and "sae" extractors
 from .gig import GeneralizedIntegratedGradients
 from . import distributed
 from .aggregate import ClassAttribution, class_attribution, interlayer_attribution
 from .graph import ConceptGraph
 from .ierf import IERFResult, ierf, receptive_fields
-from .metrics import l0_ratio, relative_l2
+from .metrics import (
+    Curve,
+    InterlayerCurves,
+    concept_deletion,
+    concept_insertion,
+    interlayer_deletion,
+    interlayer_insertion,
+    l0_ratio,
+    relative_l2,
+)
 from .pfv import PFVSet, collect_pfvs
 from .preactivation import expose_preactivations, remove_preactivations
 
@@ -20,6 +30,8 @@ __all__ = [
     "ConceptAtlas",
     "ConceptBasis",
     "ConceptGraph",
+    "Curve",
+    "InterlayerCurves",
     "DecompositionScore",
     "GeneralizedIntegratedGradients",
     "IERFResult",
@@ -33,6 +45,10 @@ __all__ = [
     "interlayer_attribution",
     "concept_localisation",
     "draw_localisation",
+    "concept_deletion",
+    "concept_insertion",
+    "interlayer_deletion",
+    "interlayer_insertion",
     "expose_preactivations",
     "ierf",
     "l0_ratio",
