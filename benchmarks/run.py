@@ -1,0 +1,364 @@
+"""Benchmarks of captum_gig against the tools a user would otherwise glue together.
+
+    python benchmarks/run.py [--quick] [--device cuda] [--only decompose,cluster,gig,memory]
+
+Every comparison runs both sides in this one process, each ``--repeats`` times,
+and reports medians. Results go to ``benchmarks/results/<mode>-<device>.json``
+and ``.md``; the run ends with one line per comparison, ``ratio <name> <value>``
+(peer time / our time, higher is better) and ``quality <name> <value>``.
+
+Where a peer is too slow to run at the stated size it is run on a subsample of
+the PFVs (or of the targets) and extrapolated linearly -- its cost is linear in
+the number of PFVs (targets) -- and the table says so.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from synthetic import concept_matrix, relu_like_pfvs  # noqa: E402
+
+from captum_gig import ConceptBasis, PFVDecomposer, alpha_max  # noqa: E402
+from captum_gig._io import atomic_write_text  # noqa: E402
+from captum_gig.concepts import BisectingSphericalKMeans  # noqa: E402
+from captum_gig.decompose import lasso_objective  # noqa: E402
+
+ROWS = []  # (name, ours_s, peer_s, ratio, quality, note)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, device="cpu"):
+    """Median wall time of ``fn()`` over ``repeats`` runs, and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def record(name, ours, peer, quality=None, note=""):
+    ratio = peer / ours if ours > 0 else float("inf")
+    ROWS.append(dict(name=name, ours_s=ours, peer_s=peer, ratio=ratio, quality=quality, note=note))
+    q = "" if quality is None else f" quality {quality:.6f}"
+    print(f"  {name}: ours {ours:.3f}s peer {peer:.3f}s ratio {ratio:.2f}{q}  {note}", flush=True)
+
+
+# -- Lasso decomposition ------------------------------------------------------------------------
+def bench_decompose(sizes, args):
+    from sklearn.decomposition import sparse_encode
+
+    sparse_encode(torch.rand(4, 8).numpy(), torch.rand(16, 8).numpy(), algorithm="lasso_cd", alpha=0.1, n_jobs=2)
+    for n, c, k, n_sk, n_lars in sizes:
+        X = relu_like_pfvs(n, c, seed=0)
+        V, mu = concept_matrix(k, c)
+        basis = ConceptBasis(V, mu)
+        alpha = float(args.alpha_fraction * alpha_max(basis, X).median())
+        Xc = (X - mu).double()
+        dev = args.device
+        dec = PFVDecomposer(basis.to(dev), alpha=alpha, tol=1e-4)
+        Xd = X.to(dev)
+        dec.transform(Xd[:8])  # Gram matrix and Lipschitz constant: once per basis, reused over layers' data
+        ours, U = timed(lambda: dec.transform(Xd), args.repeats, dev)
+        U = U.double().cpu()
+        sub = slice(0, n_sk)
+        Xs = Xc[sub].float().numpy()
+        peer_t, U_sk = timed(
+            lambda: sparse_encode(Xs, V.numpy(), algorithm="lasso_cd", alpha=alpha, n_jobs=2), max(1, args.repeats - 1)
+        )
+        U_sk = torch.from_numpy(U_sk).double()
+        Vd = V.double()
+        ours_obj = float(lasso_objective(Xc[sub], U[sub], Vd, alpha).sum())
+        sk_obj = float(lasso_objective(Xc[sub], U_sk, Vd, alpha).sum())
+        zero_agree = float(((U[sub] != 0) == (U_sk != 0)).double().mean())
+        nnz = float((U != 0).sum(1).double().mean())
+        tag = f"N={n},C={c},K={k}"
+        note = (f"{tag}; alpha={args.alpha_fraction}*median alpha_max, {nnz:.0f} non-zeros/PFV; zero patterns agree "
+                f"{zero_agree:.4f}; sklearn n_jobs=2")
+        if n_sk < n:
+            note += f"; sklearn run on {n_sk} PFVs, time x{n / n_sk:.1f} (linear in N)"
+        record(f"decompose_vs_sklearn_cd[{tag}]", ours, peer_t * n / n_sk, ours_obj / sk_obj, note)
+        if n_lars:
+            Xl = Xc[:n_lars].float().numpy()
+            lars_t, U_l = timed(lambda: sparse_encode(Xl, V.numpy(), algorithm="lasso_lars", alpha=alpha, n_jobs=2), 1)
+            U_l = torch.from_numpy(U_l).double()
+            q = float(lasso_objective(Xc[:n_lars], U[:n_lars], Vd, alpha).sum()
+                      / lasso_objective(Xc[:n_lars], U_l, Vd, alpha).sum())
+            record(f"decompose_vs_sklearn_lars[{tag}]", ours, lars_t * n / n_lars, q,
+                   f"{tag}; sklearn lasso_lars on {n_lars} PFVs, time x{n / n_lars:.1f}")
+
+
+# -- clustering ---------------------------------------------------------------------------------
+def cohesion(Xn, labels, k):
+    """Mean cosine similarity of unit rows to the normalised sum of their cluster."""
+    sums = torch.zeros(k, Xn.shape[1], dtype=Xn.dtype).index_add_(0, labels, Xn)
+    centres = torch.nn.functional.normalize(sums, dim=1)
+    return float((Xn * centres[labels]).sum(1).mean())
+
+
+def bench_cluster(sizes, args):
+    from sklearn.cluster import BisectingKMeans
+
+    for n, c, k in sizes:
+        X = relu_like_pfvs(n, c, seed=3)
+        Xc = X - X.mean(0)
+        Xn = torch.nn.functional.normalize(Xc, dim=1)
+        dev = args.device
+        Xd = Xc.to(dev)
+        ours, km = timed(lambda: BisectingSphericalKMeans(k, seed=0).fit(Xd), args.repeats, dev)
+        peer, sk = timed(
+            lambda: BisectingKMeans(k, bisecting_strategy="largest_cluster", random_state=0, n_init=1).fit(Xn.numpy()),
+            1,
+        )
+        q_ours = cohesion(Xn, km.labels_.cpu().long(), k)
+        q_sk = cohesion(Xn, torch.from_numpy(sk.labels_).long(), k)
+        record(f"cluster_vs_sklearn_bisecting[N={n},C={c},K={k}]", ours, peer, q_ours / q_sk,
+               f"cohesion (mean cosine to concept) ours {q_ours:.4f} sklearn {q_sk:.4f} (sklearn on unit rows)")
+
+
+# -- GIG ----------------------------------------------------------------------------------------
+def _resnet(args):
+    import torchvision
+
+    arch = getattr(torchvision.models, args.arch)
+    torch.manual_seed(0)
+    model = arch(weights=None).eval().to(args.device)
+    return model
+
+
+def _basis_from(acts, k, seed):
+    """Concepts drawn from the layer's own PFVs (centred), offset = their mean: realistic and instant."""
+    P = acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1])
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(P.shape[0], (k, 4), generator=g)
+    mu = P.mean(0)
+    V = P[idx.to(P.device)].mean(1) - mu + 0.01 * torch.randn(k, P.shape[1], generator=g).to(P)
+    return ConceptBasis(V, mu)
+
+
+def bench_gig(args):
+    from captum.attr import LayerIntegratedGradients
+
+    from captum_gig import GeneralizedIntegratedGradients
+
+    dev = args.device
+    model = _resnet(args)
+    la, lb = args.layers
+    blk_a = model.get_submodule(la)
+    size = args.image_size
+    image = torch.rand(1, 3, size, size, device=dev)
+    images = torch.rand(4, 3, size, size, device=dev)
+
+    def upto(x, stop):
+        """The torchvision ResNet forward, stopped after ``stop`` (a block name 'layerI.J')."""
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for j, block in enumerate(model.get_submodule(name)):
+                x = block(x)
+                if f"{name}.{j}" == stop:
+                    return x
+        raise ValueError(stop)
+
+    with torch.no_grad():
+        acts_a, acts_b = upto(images, la), upto(images, lb)
+    ka, kb = args.k_factor * acts_a.shape[1], args.k_factor * acts_b.shape[1]
+    dec_a = PFVDecomposer(_basis_from(acts_a, ka, 0), alpha=float(0.3 * alpha_max(_basis_from(acts_a, ka, 0),
+                          acts_a.permute(0, 2, 3, 1).reshape(-1, acts_a.shape[1])).median()))
+    dec_b = PFVDecomposer(_basis_from(acts_b, kb, 1))
+    gig = GeneralizedIntegratedGradients(model, la, dec_a, lb, dec_b)
+    full = GeneralizedIntegratedGradients(model, la, dec_a, lb, dec_b, slicing=False)
+    n_steps, ibs = args.n_steps, args.n_steps
+    target = 3
+    vbar = dec_b.basis.normalized_vectors[target]
+
+    def projection(x):
+        return (upto(x, lb) * vbar.view(1, -1, 1, 1)).sum((2, 3))
+
+    lig = LayerIntegratedGradients(lambda x: projection(x)[:, 0], blk_a)
+    gig.attribute(image, target=target, n_steps=2)  # slicing, Gram caches: set up once per layer pair
+    full.attribute(image, target=target, n_steps=2)
+    reps = args.repeats
+    ours, attr = timed(lambda: gig.attribute(image, target=target, n_steps=n_steps, internal_batch_size=ibs), reps, dev)
+    peer, _ = timed(lambda: lig.attribute(image, n_steps=n_steps, internal_batch_size=ibs), reps, dev)
+    record(f"gig_single_vs_captum[{args.arch} {la}->{lb}, {size}px, {n_steps} steps]", ours, peer, None,
+           "same n_steps and internal_batch_size; Captum LIG with a forward returning the target projection")
+    hooks, attr_full = timed(lambda: full.attribute(image, target=target, n_steps=n_steps, internal_batch_size=ibs),
+                             reps, dev)
+    record("gig_suffix_vs_full", ours, hooks, float((attr - attr_full).abs().max() / attr.abs().max().clamp_min(1e-30)),
+           "sliced sub-network vs hooks on the full model; quality = max relative difference of the attributions")
+
+    # floor: n_steps x (forward + backward of only the sub-network between a and b)
+    suffix = gig._suffix
+    with torch.no_grad():
+        za = upto(image, la)
+
+    def floor_single():
+        z = za.repeat(n_steps, 1, 1, 1).requires_grad_(True)
+        out = (suffix(z) * vbar.view(1, -1, 1, 1)).sum()
+        return torch.autograd.grad(out, z)[0]
+
+    floor, _ = timed(floor_single, reps, dev)
+    record("gig_single_vs_floor", ours, floor, None, "peer = floor (n_steps forward+backward of the sub-network); "
+           "ratio >= 0.67 means within 1.5x of the floor")
+
+    # matrix: every layer-b concept; Captum loops over targets (timed on a few, extrapolated linearly)
+    c_b = acts_b.shape[1]
+    dirs = args.matrix_dirs or c_b  # readout directions actually run; the full matrix needs C_b of them
+    if dirs >= c_b:
+        ours_m, _ = timed(lambda: gig.attribute_matrix(image, n_steps=n_steps, internal_batch_size=ibs), 1, dev)
+        how = "full attribute_matrix"
+    else:  # time `dirs` target directions (one backward each) and scale to the C_b the full matrix uses
+        t_dirs, _ = timed(lambda: gig.attribute_matrix(image, list(range(dirs)), n_steps=n_steps,
+                                                       internal_batch_size=ibs), 1, dev)
+        ours_m = t_dirs * c_b / dirs
+        how = f"ours timed on {dirs} readout directions, x{c_b / dirs:.0f} to the C_b={c_b} the full matrix needs"
+    loop_targets = args.loop_targets
+    vb = dec_b.basis.normalized_vectors
+
+    def captum_loop():
+        for t in range(loop_targets):
+            LayerIntegratedGradients(lambda x, t=t: (upto(x, lb) * vb[t].view(1, -1, 1, 1)).sum((1, 2, 3)),
+                                     blk_a).attribute(image, n_steps=n_steps, internal_batch_size=ibs)
+
+    loop_t, _ = timed(captum_loop, 1, dev)
+    record(f"gig_matrix_vs_captum_loop[K_b={kb}]", ours_m, loop_t * kb / loop_targets, None,
+           f"Captum loop timed on {loop_targets} targets, x{kb / loop_targets:.0f} to all K_b={kb}; {how}")
+
+    def floor_matrix():
+        z = za.repeat(n_steps, 1, 1, 1).requires_grad_(True)
+        out = suffix(z).sum((2, 3))  # (n_steps, C_b)
+        eye = torch.eye(c_b, device=dev)[: min(dirs, c_b)]
+        for s in range(0, eye.shape[0], 32):
+            torch.autograd.grad(out, z, eye[s : s + 32].unsqueeze(1).expand(-1, n_steps, -1), retain_graph=True,
+                                is_grads_batched=True)
+
+    floor_m, _ = timed(floor_matrix, 1, dev)
+    floor_m *= c_b / min(dirs, c_b)
+    record("gig_vs_floor", ours_m, floor_m, None,
+           f"attribute_matrix vs its floor: n_steps forwards + C_b={c_b} batched backwards of the sub-network "
+           f"(both timed on {min(dirs, c_b)} directions); ratio >= 0.67 means within 1.5x")
+
+
+# -- memory of a streamed large decomposition ---------------------------------------------------
+MEMORY_CHILD = r"""
+import resource, sys, time, torch
+sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
+from synthetic import relu_like_pfvs
+from captum_gig import ConceptBasis, PFVDecomposer
+n, c, k, dev = {n}, {c}, {k}, {dev!r}
+g = torch.Generator().manual_seed(0)
+V = torch.randn(k, c, generator=g).clamp_min(0).to(dev)
+X = relu_like_pfvs(n, c, seed=0, device=dev)
+dec = PFVDecomposer(ConceptBasis(V - V.mean(0), V.mean(0)), alpha=float(0.6 * c ** 0.5), chunk_size={chunk})
+U = torch.empty(n, k, device=dev)  # the output
+if dev == "cuda":
+    torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+else:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t = time.perf_counter()
+U = dec.transform(X)
+el = time.perf_counter() - t
+peak = torch.cuda.max_memory_allocated() if dev == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print("RESULT", (peak - base) / 2**30, el)
+"""
+
+
+def bench_memory(args):
+    n, c, k, chunk = args.memory_size
+    code = MEMORY_CHILD.format(root=os.path.dirname(HERE), here=HERE, n=n, c=c, k=k, dev=args.device, chunk=chunk)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
+    if not line:
+        print(out.stderr[-2000:])
+        return
+    gib, el = map(float, line[0].split()[1:])
+    # beyond inputs and outputs the solver holds the K x K float64 Gram matrix and O(chunk x K) buffers;
+    # at the paper's scale (K=16384, chunk 4096) that is 2 GiB + chunk buffers, independent of N
+    ROWS.append(dict(name=f"memory_streamed[N={n},C={c},K={k},chunk={chunk}]", ours_s=el, peer_s=None, ratio=None,
+                     quality=gib, note="quality = peak GiB beyond inputs and outputs (RSS high-water mark on CPU)"))
+    print(f"  memory: {gib:.2f} GiB beyond inputs/outputs, {el:.1f}s", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes, < 3 min on 2 CPU cores")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", default="decompose,cluster,gig,memory")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--tag", default="", help="suffix of the result files")
+    a = p.parse_args()
+    warnings.filterwarnings("ignore")
+    a.alpha_fraction = 0.3
+    if a.quick:
+        a.repeats = a.repeats or 3
+        decompose = [(400, 128, 1024, 100, 0), (400, 256, 2048, 50, 0)]
+        cluster = [(4000, 128, 256)]
+        a.arch, a.layers, a.image_size, a.n_steps, a.k_factor, a.loop_targets = "resnet18", ("layer3.1", "layer4.1"), 112, 16, 8, 2
+        a.matrix_dirs = 32
+        a.memory_size = (2048, 256, 2048, 512)
+    else:
+        a.repeats = a.repeats or 3
+        decompose = [(2000, 256, 2048, 40, 10), (2000, 1024, 8192, 10, 0)]
+        cluster = [(20000, 512, 512), (20000, 512, 4096)]
+        a.arch, a.layers, a.image_size, a.n_steps, a.k_factor, a.loop_targets = "resnet50", ("layer3.5", "layer4.0"), 224, 50, 8, 8
+        a.matrix_dirs = 64
+        a.memory_size = (8192, 1024, 8192, 4096)
+    only = set(a.only.split(","))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)) if a.device == "cpu" else torch.get_num_threads())
+    start = time.time()
+    if "decompose" in only:
+        print("decompose", flush=True)
+        bench_decompose(decompose, a)
+    if "cluster" in only:
+        print("cluster", flush=True)
+        bench_cluster(cluster, a)
+    if "gig" in only:
+        print("gig", flush=True)
+        bench_gig(a)
+    if "memory" in only:
+        print("memory", flush=True)
+        bench_memory(a)
+    mode = "quick" if a.quick else "full"
+    meta = dict(mode=mode, device=a.device, machine=platform.platform(), processor=platform.processor(),
+                cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                load_average=os.getloadavg(), seconds=time.time() - start, repeats=a.repeats,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    stem = os.path.join(HERE, "results", f"{mode}-{a.device}{a.tag}")
+    atomic_write_text(stem + ".json", json.dumps(dict(meta=meta, rows=ROWS), indent=1))
+    lines = [f"# captum_gig benchmarks ({mode}, {a.device})", "", "```", json.dumps(meta), "```", "",
+             "| comparison | ours (s) | peer (s) | ratio | quality | how |", "|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    for r in ROWS:
+        lines.append(f"| {r['name']} | {fmt(r['ours_s'], '.3f')} | {fmt(r['peer_s'], '.3f')} | {fmt(r['ratio'], '.2f')} "
+                     f"| {fmt(r['quality'], '.6f')} | {r['note']} |")
+    atomic_write_text(stem + ".md", "\n".join(lines) + "\n")
+    print(f"wrote {stem}.json and .md ({time.time() - start:.0f}s)")
+    for r in ROWS:
+        if r["ratio"] is not None:
+            print(f"ratio {r['name']} {r['ratio']:.4g}")
+        if r["quality"] is not None:
+            print(f"quality {r['name']} {r['quality']:.6g}")
+
+
+if __name__ == "__main__":
+    main()
