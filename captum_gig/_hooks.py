@@ -25,6 +25,7 @@ __all__ = [
     "model_device",
     "check_runs_once",
     "check_inputs",
+    "trace_layers",
 ]
 
 
@@ -243,3 +244,34 @@ def check_inputs(model: nn.Module, inputs, argument: str = "inputs") -> None:
         raise TypeError(f"{argument} are {inputs.dtype} but the model's parameters are {params[0].dtype}")
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         raise ValueError(f"{argument} contain NaN or inf")
+
+
+def trace_layers(model: nn.Module, inputs, additional_forward_args: Optional[tuple] = None) -> List[Tuple[str, str, Optional[Tuple[int, ...]], int]]:
+    """Run one forward and report every submodule: ``(name, type, output shape or None, calls)``.
+
+    A module with ``calls != 1`` (reused, or not on the forward path) cannot be
+    hooked unambiguously; the output shape is None when it is not one tensor.
+    """
+    seen = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m, _args, output, name=name):
+            shape = tuple(output.shape) if isinstance(output, Tensor) else None
+            prev = seen.get(name)
+            seen[name] = (shape, (prev[1] if prev else 0) + 1)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*((inputs,) + tuple(additional_forward_args or ())))
+    finally:
+        for h in handles:
+            h.remove()
+    return [
+        (name, type(module).__name__, seen.get(name, (None, 0))[0], seen.get(name, (None, 0))[1])
+        for name, module in model.named_modules()
+        if name
+    ]
