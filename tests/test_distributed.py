@@ -164,3 +164,68 @@ def test_single_process_helpers_are_no_ops():
     with pytest.raises(ValueError, match="shuffle"):
         list(iter_shard(shuffled, 2, 0, 2))
 
+
+CLI_MODEL = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("block1", nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU()))
+    model.add_module("block2", nn.Sequential(nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2)))
+    model.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("head", nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+'''
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_writes_the_single_process_artifacts(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "model.py").write_text(CLI_MODEL)
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["a", "b", "c"]):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(5):
+            img = rng.integers(0, 80, size=(12, 12, 3))
+            img[..., c] += 150
+            Image.fromarray(img.astype(np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
+    args = ["attribute", "--model", f"module:{tmp_path / 'model.py'}:build", "--data", str(tmp_path / "images"),
+            "--layers", "block1", "block2", "--image-size", "12", "--by", "label", "--per-image", "3",
+            "--concepts", "6", "--n-steps", "4", "--batch-size", "4", "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    one = subprocess.run([sys.executable, "-m", "captum_gig", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "captum_gig", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    with open(tmp_path / "two" / "manifest.json") as f:
+        assert json.load(f)["world_size"] == 2
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.safetensors"))
+    assert len(files) >= 7  # predictions, PFVs, bases, coefficients of 2 layers, class attribution(s)
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.safetensors"))
+    for rel in files:
+        want, got = load_file(str(tmp_path / "one" / rel)), load_file(str(tmp_path / "two" / rel))
+        assert sorted(want) == sorted(got), rel
+        for key, w in want.items():
+            if w.is_floating_point():
+                scale = float(w.abs().max()) if w.numel() else 1.0
+                torch.testing.assert_close(got[key], w, rtol=1e-5, atol=1e-6 * scale, msg=f"{rel}:{key}")
+            else:
+                assert torch.equal(got[key], w), f"{rel}:{key}"
