@@ -209,7 +209,7 @@ def fashion():
         log("  zoo.fashion_mnist_cnn is not available; skipped")
         return
     model = zoo.fashion_mnist_cnn()
-    images, labels = zoo.fashion_mnist("test", limit=2000)
+    images, labels = zoo.fashion_mnist("test", limit=600)
     names = zoo.FASHION_MNIST_CLASSES
     layers = list(zoo.FASHION_MNIST_LAYERS)
 
@@ -222,13 +222,14 @@ def fashion():
         predicted = model(images).argmax(1)
     # a pair of similar classes, each over its own correctly predicted test images
     pair_classes = [names.index("Shirt"), names.index("T-shirt/top")] if "Shirt" in names else [0, 6]
-    members = [images[(labels == c) & (predicted == c)][:24] for c in pair_classes]
+    members = [images[(labels == c) & (predicted == c)][:10] for c in pair_classes]
     both = torch.cat(members)
-    pair = ConceptGraph.build(model, layers, decs, both, target=pair_classes, top_k=4, n_shared=3, n_steps=32,
+    pair = ConceptGraph.build(model, layers, decs, both, target=pair_classes, top_k=4, n_shared=3, n_steps=16,
                               class_names=names, progress=False)
+    log(f"  {pair}")
     single_c = names.index("Sneaker") if "Sneaker" in names else 7
-    single = ConceptGraph.build(model, layers, decs, images[(labels == single_c) & (predicted == single_c)][:32],
-                                target=single_c, top_k=5, n_steps=32, class_names=names, progress=False)
+    single = ConceptGraph.build(model, layers, decs, images[(labels == single_c) & (predicted == single_c)][:12],
+                                target=single_c, top_k=5, n_steps=16, class_names=names, progress=False)
     atlases = {}
     for layer in layers:
         pfvs, basis, _ = fitted[layer]
@@ -240,8 +241,8 @@ def fashion():
     os.makedirs(OUT, exist_ok=True)
     save(pair.plot(atlases=atlases, thumbnail_zoom=0.65,
                    title=f"Fashion-MNIST CNN: {names[pair_classes[0]]} & {names[pair_classes[1]]} "
-                         "(24 test images each; orange: shared)"), "fashion_graph_pair.png")
-    save(single.plot(atlases=atlases, thumbnail_zoom=0.65, title=f"Fashion-MNIST CNN: {names[single_c]} (32 test images)"),
+                         "(10 test images each; orange: shared)"), "fashion_graph_pair.png")
+    save(single.plot(atlases=atlases, thumbnail_zoom=0.65, title=f"Fashion-MNIST CNN: {names[single_c]} (12 test images)"),
          "fashion_graph_single.png")
     pair.to_html(os.path.join(OUT, "fashion_graph_pair.html"), atlases=atlases)
 
