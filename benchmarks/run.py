@@ -263,12 +263,13 @@ MEMORY_CHILD = r"""
 import resource, sys, time, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
 from synthetic import relu_like_pfvs
-from captum_gig import ConceptBasis, PFVDecomposer
+from synthetic import concept_matrix
+from captum_gig import ConceptBasis, PFVDecomposer, alpha_max
 n, c, k, dev = {n}, {c}, {k}, {dev!r}
-g = torch.Generator().manual_seed(0)
-V = torch.randn(k, c, generator=g).clamp_min(0).to(dev)
+V, mu = concept_matrix(k, c, device=dev)
 X = relu_like_pfvs(n, c, seed=0, device=dev)
-dec = PFVDecomposer(ConceptBasis(V - V.mean(0), V.mean(0)), alpha=float(0.6 * c ** 0.5), chunk_size={chunk})
+basis = ConceptBasis(V, mu)
+dec = PFVDecomposer(basis, alpha=float(0.3 * alpha_max(basis, X[:256]).median()), chunk_size={chunk})
 U = torch.empty(n, k, device=dev)  # the output
 if dev == "cuda":
     torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
