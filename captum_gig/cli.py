@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ._io import atomic_write_text, load_artifact, read_metadata, save_artifact
 from ._version import __version__
 
-__all__ = ["main", "build_parser", "CLIError"]
+__all__ = ["main", "build_parser", "CLIError", "load_model", "load_coefficients", "load_class_attribution"]
 
 STAGES = ["extract", "fit", "decompose", "attribute", "graph", "evaluate"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
