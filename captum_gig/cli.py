@@ -865,15 +865,15 @@ def _auto_targets(run: Run) -> List[str]:
     preds = _predictions(run)
     classes, counts = _class_counts(run)
     conf = preds["confidence"]
-    specs = [f"class:{int(classes[0])}", f"image:{int(conf.argmax())}"]
-    if len(classes) >= 2:
-        # the two classes with most images; among equals, those predicted most confidently
-        by_class = {}
-        for c in classes.tolist():
-            mask = preds["prediction"] == c if run.s["by"] == "prediction" else preds["labels"] == c
-            by_class[c] = (int(mask.sum()), float(conf[mask].mean()) if mask.any() else 0.0)
-        pair = sorted(by_class, key=lambda c: (-by_class[c][0], -by_class[c][1]))[:2]
-        specs.append(f"pair:{pair[0]},{pair[1]}")
+    # classes ranked by their number of images; among equals, by how confidently they are predicted
+    by_class = {}
+    for c in classes.tolist():
+        mask = preds["prediction"] == c if run.s["by"] == "prediction" else preds["labels"] == c
+        by_class[c] = (int(mask.sum()), float(conf[mask].mean()) if mask.any() else 0.0)
+    ranked = sorted(by_class, key=lambda c: (-by_class[c][0], -by_class[c][1], c))
+    specs = [f"class:{ranked[0]}", f"image:{int(conf.argmax())}"]
+    if len(ranked) >= 2:
+        specs.append(f"pair:{ranked[0]},{ranked[1]}")
     return specs
 
 
