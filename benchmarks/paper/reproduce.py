@@ -74,8 +74,8 @@ FULL = dict(fm_fit_images=2000, fm_eval_pfv_images=500, fm_per_class=1, steps=10
             inter_images=4, inter_targets=3, n_random=3, sae_steps=1500, dict_iter=3,
             eff_blocks=["_blocks.4", "_blocks.10"], eff_per_image=128, eff_photos=None, eff_gig_steps=8,
             eff_inter_photos=4, k_factors=[1, 2, 4, 8], seeds=[0, 1, 2], alpha_fraction=0.1)
-QUICK = dict(fm_fit_images=800, fm_eval_pfv_images=300, fm_per_class=3, steps=10, gig_steps=8,
-             inter_images=4, inter_targets=2, n_random=2, sae_steps=400, dict_iter=2,
+QUICK = dict(fm_fit_images=800, fm_eval_pfv_images=200, fm_per_class=1, steps=8, gig_steps=4,
+             inter_images=2, inter_targets=2, n_random=2, sae_steps=300, dict_iter=2,
              eff_blocks=["_blocks.4", "_blocks.10"], eff_per_image=48, eff_photos=4, eff_gig_steps=4,
              eff_inter_photos=2, k_factors=[1, 4], seeds=[0, 1], alpha_fraction=0.1)
 
@@ -173,6 +173,8 @@ def interlayer(model, la, dec_a, lb, dec_b, images, labels, cfg, n_targets, gig_
                 res[kind].append(r)
     out = {}
     for kind, rs in res.items():
+        if not rs:
+            raise RuntimeError(f"inter-layer {kind}: no image had a usable target concept")
         g, r = mean_curve([x.gig for x in rs]), mean_curve([x.random for x in rs])
         diff = (r.auc - g.auc) if kind == "deletion" else (g.auc - r.auc)
         out[kind] = dict(gig=g, random=r, diff=diff, n=len(rs))
