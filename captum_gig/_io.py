@@ -26,7 +26,12 @@ __all__ = ["save_artifact", "load_artifact", "read_metadata", "atomic_write_text
 def _atomic_target(path: str) -> Tuple[int, str]:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    return tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    # mkstemp makes owner-only files; artifacts get the permissions of an ordinary new file
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -136,3 +136,13 @@ def test_overwrite_is_atomic(tmp_path, monkeypatch):
         ConceptBasis(torch.randn(9, 9)).save(path)
     assert torch.equal(ConceptBasis.load(path).vectors, basis.vectors)  # the old artifact is intact
     assert os.listdir(tmp_path) == ["basis.safetensors"]
+
+
+def test_artifacts_get_ordinary_file_permissions(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what the process's umask gives a new file
+    _, path = basis_file(tmp_path)
+    _io.atomic_write_text(str(tmp_path / "graph.json"), "{}")
+    expected = os.stat(plain).st_mode & 0o777
+    assert os.stat(path).st_mode & 0o777 == expected
+    assert os.stat(tmp_path / "graph.json").st_mode & 0o777 == expected
