@@ -26,12 +26,16 @@ __all__ = ["save_artifact", "load_artifact", "read_metadata", "atomic_write_text
 def _atomic_target(path: str) -> Tuple[int, str]:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    return tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Move a finished temporary file into place."""
     # mkstemp makes owner-only files; artifacts get the permissions of an ordinary new file
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
+    os.replace(tmp, path)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -40,7 +44,7 @@ def atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -57,7 +61,7 @@ def save_artifact(path: str, kind: str, tensors: Dict[str, Tensor], meta: Dict[s
     os.close(fd)
     try:
         save_file(data, tmp, metadata={_KEY: json.dumps(header)})
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
