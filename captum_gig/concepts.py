@@ -78,6 +78,10 @@ def _check_pfvs(X, argument: str = "X") -> Tensor:
     return X
 
 
+# below this many elements (rows x channels) a cluster is split on one thread
+_ONE_THREAD_ELEMENTS = 1 << 20
+
+
 class BisectingSphericalKMeans:
     r"""Bisecting spherical k-means (Steinbach et al. 2000; Dhillon & Modha 2001).
 
@@ -138,21 +142,17 @@ class BisectingSphericalKMeans:
         rows = _dist.shard_indices(n).to(X.device) if _dist.is_distributed() else torch.arange(n, device=X.device)
         if _dist.is_distributed():
             Y = Y[rows]
+        local = not _dist.is_distributed()
         members: List[Tensor] = [torch.arange(Y.shape[0], device=X.device)]
         heap: List[Tuple[int, int]] = [(-n, 0)]
         history: List[Tuple[int, int]] = []
         with tqdm(total=k - 1, disable=not self.progress or not _dist.is_main_process(), desc="bisecting k-means", unit="split") as bar:
-            while len(members) < k:
-                neg_size, j = heapq.heappop(heap)
-                idx = members[j]
-                history.append((j, -neg_size))
-                right = _dist.split_cluster(self, Y[idx], rows[idx], -neg_size, len(history) - 1)
-                members[j], new = idx[~right], idx[right]
-                members.append(new)
-                sizes = self._reduce(torch.tensor([members[j].shape[0], new.shape[0]], dtype=torch.float64, device=X.device))
-                heapq.heappush(heap, (-int(sizes[0]), j))
-                heapq.heappush(heap, (-int(sizes[1]), len(members) - 1))
-                bar.update(1)
+            threads = torch.get_num_threads()
+            try:
+                self._loop(Y, rows, members, heap, history, k, local, threads, bar)
+            finally:
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
         labels = torch.empty(Y.shape[0], dtype=torch.long, device=X.device)
         for j, idx in enumerate(members):
             labels[idx] = j
@@ -167,12 +167,38 @@ class BisectingSphericalKMeans:
         self.split_history_ = history
         return self
 
+    def _loop(self, Y, rows, members, heap, history, k, local, threads, bar) -> None:
+        # Clusters come off the heap largest first, so sizes only shrink: once they are small,
+        # a single-process CPU fit drops to one thread (2-means on a few hundred rows gains
+        # nothing from threads, and pays their wake-up cost on every one of its small ops).
+        one_thread = local and threads > 1 and Y.device.type == "cpu"
+        while len(members) < k:
+            neg_size, j = heapq.heappop(heap)
+            idx = members[j]
+            history.append((j, -neg_size))
+            if one_thread and -neg_size * Y.shape[1] < _ONE_THREAD_ELEMENTS and torch.get_num_threads() != 1:
+                torch.set_num_threads(1)
+            if local:  # single process: no wrappers, sizes are the local row counts
+                right = self._split_local(Y[idx], len(history) - 1)
+                members[j], new = idx[~right], idx[right]
+                sizes = (members[j].shape[0], new.shape[0])
+            else:
+                right = _dist.split_cluster(self, Y[idx], rows[idx], -neg_size, len(history) - 1)
+                members[j], new = idx[~right], idx[right]
+                sizes = self._reduce(torch.tensor([members[j].shape[0], new.shape[0]], dtype=torch.float64, device=Y.device))
+            members.append(new)
+            heapq.heappush(heap, (-int(sizes[0]), j))
+            heapq.heappush(heap, (-int(sizes[1]), len(members) - 1))
+            bar.update(1)
+
     def _start_vector(self, c: int, split_number: int, like: Tensor) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + split_number)
         return torch.randn(c, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
     def _split(self, Y: Tensor, split_number: int, row_ids: Optional[Tensor] = None) -> Tensor:
         """Boolean mask of the rows of ``Y`` (unit rows) that form the new cluster."""
+        if not _dist.is_distributed():
+            return self._split_local(Y, split_number)
         red = self._reduce
         n = red(torch.tensor(float(Y.shape[0]), dtype=Y.dtype, device=Y.device))
         total = red(Y.sum(0))
@@ -205,6 +231,47 @@ class BisectingSphericalKMeans:
             right = new_right
             if changed == 0:
                 break
+        return right
+
+
+    def _split_local(self, Y: Tensor, split_number: int) -> Tensor:
+        """:meth:`_split` in a single process: the same arithmetic in the same order, so the
+        same mask, without the reduction wrappers and with one host sync per test."""
+        m = Y.shape[0]
+        n = torch.tensor(float(m), dtype=Y.dtype, device=Y.device)
+        total = Y.sum(0)
+        mean = total / n
+        Yt = Y.t()
+        # the threshold as the comparison in Y's dtype sees it
+        near_one = torch.tensor(1 - 1e-7, dtype=Y.dtype).item()
+        n_mean = n * mean  # (n * mean) * (mean @ v), evaluated left to right as in _split
+        v = self._start_vector(Y.shape[1], split_number, Y)
+        v = v / v.norm()
+        for _ in range(self.power_iter):
+            w = Yt @ (Y @ v) - n_mean * (mean @ v)
+            norm = w.norm()
+            if norm.item() == 0:
+                break
+            w = w / norm
+            done = abs((w @ v).item()) > near_one
+            v = w
+            if done:
+                break
+        right = (Y @ v - mean @ v) > 0
+        k = int(right.sum())
+        if k == 0 or k == m:
+            right = torch.arange(m, device=Y.device) % 2 == 1
+        for _ in range(self.max_iter):
+            s1 = Yt @ right.to(Y.dtype)
+            centroids = torch.nn.functional.normalize(torch.stack([total - s1, s1]), dim=1)
+            sims = Y @ centroids.t()
+            new_right = sims[:, 1] > sims[:, 0]
+            k = int(new_right.sum())
+            if k == 0 or k == m:
+                break
+            if torch.equal(new_right, right):
+                break
+            right = new_right
         return right
 
 
