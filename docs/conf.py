@@ -37,6 +37,37 @@ html_theme = "furo"
 html_title = f"captum-gig {release}"
 html_static_path = ["_static"] if os.path.isdir(os.path.join(HERE, "_static")) else []
 
+# -- math without network: Debian's libjs-mathjax (MathJax 2.7, installed by install.sh) -------
+# The default MathJax comes from a CDN, which an offline reader (and CI) cannot reach. We copy
+# the few files the TeX input and SVG output need (~2.5 MB; SVG output needs no web fonts, so
+# pages also render from file://) into the built site's _static/mathjax.
+MATHJAX_DIR = os.environ.get("CAPTUM_GIG_MATHJAX", "/usr/share/javascript/mathjax")
+MATHJAX_FILES = [
+    "MathJax.js", "config/TeX-AMS_SVG.js", "extensions", "localization/en", "jax/input/TeX", "jax/element",
+    "jax/output/SVG/jax.js", "jax/output/SVG/config.js", "jax/output/SVG/autoload", "jax/output/SVG/fonts/TeX",
+]
+if os.path.exists(os.path.join(MATHJAX_DIR, "MathJax.js")):
+    mathjax_path = "mathjax/MathJax.js?config=TeX-AMS_SVG"  # relative to the built _static/
+else:  # not an error: the pages still work online
+    print(f"note: {MATHJAX_DIR} not found (Debian package libjs-mathjax); math loads MathJax from its CDN")
+    MATHJAX_DIR = None
+
+
+def _copy_mathjax(app, exception) -> None:
+    import shutil
+
+    if exception is not None or MATHJAX_DIR is None or app.builder.format != "html":
+        return
+    dest = os.path.join(app.outdir, "_static", "mathjax")
+    for rel in MATHJAX_FILES:
+        src, dst = os.path.join(MATHJAX_DIR, rel), os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst)
+
+
 # -- tutorials (sphinx-gallery): every script under tutorials/ runs at build time -------------
 sphinx_gallery_conf = {
     "examples_dirs": os.path.join(ROOT, "tutorials"),
@@ -80,7 +111,7 @@ def _cli_help() -> None:
 
 def _optional_pages() -> None:
     """The toctree entries of pages other parts of the project provide, and the reproduction report."""
-    entries = [p for p in ("performance", "scaling", "guarantees") if os.path.exists(os.path.join(HERE, f"{p}.rst"))]
+    entries = [p for p in ("performance", "guarantees") if os.path.exists(os.path.join(HERE, f"{p}.rst"))]
     lines = [".. toctree::", "   :maxdepth: 1", "   :caption: Performance and guarantees", ""] + [f"   {e}" for e in entries]
     _write("reports_toc.rst.inc", "\n".join(lines) + "\n" if entries else "\n")
     report = os.path.join(ROOT, "benchmarks", "paper", "REPORT.md")
@@ -147,3 +178,8 @@ def _api_pages() -> None:
 _cli_help()
 _optional_pages()
 _api_pages()
+
+
+def setup(app):
+    app.connect("build-finished", _copy_mathjax)
+    return {"parallel_read_safe": True}
