@@ -19,11 +19,12 @@ def problem(n=60, c=16, k=128, seed=0, relu_like=False):
 
 @pytest.mark.parametrize("k, relu_like", [(16, False), (128, False), (128, True)])
 @pytest.mark.parametrize("positive", [False, True])
-def test_objective_matches_sklearn_lasso_cd(k, relu_like, positive):
+@pytest.mark.parametrize("solver", ["working_set", "fista"])
+def test_objective_matches_sklearn_lasso_cd(k, relu_like, positive, solver):
     X, V = problem(k=k, relu_like=relu_like)
     offset = torch.randn(16, dtype=torch.float64)
     alpha = float(0.1 * alpha_max(ConceptBasis(V), X).median())
-    dec = PFVDecomposer(ConceptBasis(V, offset), alpha=alpha, tol=1e-6, max_iter=5000, positive=positive)
+    dec = PFVDecomposer(ConceptBasis(V, offset), alpha=alpha, tol=1e-6, max_iter=5000, positive=positive, solver=solver)
     U = dec.transform(X + offset)
     U_sk = sparse_encode(X.numpy(), V.numpy(), algorithm="lasso_cd", alpha=alpha, max_iter=5000, positive=positive)
     U_sk = torch.from_numpy(U_sk)
@@ -155,10 +156,25 @@ def test_no_pfvs_and_float32_agrees_with_float64():
         empty = dec.transform(torch.zeros(0, 16, dtype=torch.float64))
         assert empty.shape == (0, 128) and empty.dtype == torch.float64
         assert dec.transform(torch.zeros(0, 16, 2, 2, dtype=torch.float64)).shape == (0, 128, 2, 2)
-    U64 = PFVDecomposer(ConceptBasis(V), alpha=0.3, tol=1e-8).transform(X)
-    U32 = PFVDecomposer(ConceptBasis(V.float()), alpha=0.3, tol=1e-5).transform(X.float())
+    U64 = PFVDecomposer(ConceptBasis(V), alpha=0.3, tol=1e-8, solver="working_set").transform(X)
+    U32 = PFVDecomposer(ConceptBasis(V.float()), alpha=0.3, tol=1e-5, solver="working_set").transform(X.float())
     assert U32.dtype == torch.float32
     o64 = lasso_objective(X, U64, V, 0.3)
     o32 = lasso_objective(X, U32.double(), V, 0.3)
     assert torch.allclose(o32, o64, rtol=1e-4)
     assert (o64 <= o32 * (1 + 1e-7)).all()  # float64 is at least as good
+
+
+def test_auto_solver_picks_working_sets_for_large_bases(monkeypatch):
+    import captum_gig.decompose as decompose
+
+    used = []
+    for name in ("_working_set", "_fista"):
+        real = getattr(decompose, name)
+        monkeypatch.setattr(decompose, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    X = torch.randn(4, 8)
+    PFVDecomposer(ConceptBasis(torch.randn(64, 8)), alpha=0.5).transform(X)
+    assert used == ["_fista"]
+    used.clear()
+    PFVDecomposer(ConceptBasis(torch.randn(1024, 8)), alpha=0.5).transform(X)
+    assert used[0] == "_working_set"

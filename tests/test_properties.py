@@ -147,8 +147,8 @@ problems = st.tuples(st.integers(3, 12), st.integers(1, 8), st.integers(2, 40), 
 
 
 @settings(**SETTINGS)
-@given(problems, st.floats(0.02, 0.5), st.booleans())
-def test_decomposer_kkt_and_objective_vs_sklearn(problem, alpha_fraction, positive):
+@given(problems, st.floats(0.02, 0.5), st.booleans(), st.sampled_from(["working_set", "fista"]))
+def test_decomposer_kkt_and_objective_vs_sklearn(problem, alpha_fraction, positive, solver):
     from sklearn.decomposition import sparse_encode
 
     c, k_factor, n, relu_like, seed = problem
@@ -161,7 +161,7 @@ def test_decomposer_kkt_and_objective_vs_sklearn(problem, alpha_fraction, positi
         X = X.clamp_min(0)
     basis = ConceptBasis(V)
     alpha = float(alpha_fraction * alpha_max(basis, X).max()) + 1e-6
-    U = PFVDecomposer(basis, alpha=alpha, tol=1e-10, max_iter=20000, positive=positive).transform(X)
+    U = PFVDecomposer(basis, alpha=alpha, tol=1e-10, max_iter=20000, positive=positive, solver=solver).transform(X)
     corr = (X - U @ V) @ V.t()
     slack = 1e-3 * alpha
     if positive:
