@@ -21,7 +21,9 @@ from captum_gig import zoo
 
 torch.manual_seed(0)
 model = zoo.efficientnet_lite0()  # eval mode, ImageNet weights, no download
-images, names = zoo.real_photos(size=224)  # (13, 3, 224, 224), normalised for the model
+# 160-pixel photos keep this page fast to build (the model was trained at 224; use that for
+# real analyses): (13, 3, 160, 160), normalised for the model.
+images, names = zoo.real_photos(size=160)
 categories = zoo.imagenet_categories()
 with torch.no_grad():
     probs = model(images).softmax(1)
@@ -32,7 +34,7 @@ for name, c, p in zip(names, predicted, confidence):
 # %%
 # PFVs of one block
 # -----------------
-# ``_blocks.15`` is the last MBConv block (320 channels on a 7 x 7 grid). Positions are drawn
+# ``_blocks.15`` is the last MBConv block (320 channels on a 5 x 5 grid at this image size). Positions are drawn
 # with probability proportional to their positive relevance for the predicted class.
 layer = "_blocks.15"
 pfvs = cg.collect_pfvs(model, layer, images, per_image=12, seed=0, progress=False)
@@ -74,6 +76,8 @@ fig.tight_layout()
 # ---------------------------
 # A concept atlas shows, for each concept, the iERF crops (the image region that drives the
 # PFV, found with Captum's IntegratedGradients) of the PFVs nearest to the concept vector.
+# Finding each position's theoretical receptive field costs ``H + W`` probe forwards, once per
+# model, layer and image size (cached): the most expensive step on this page.
 def show(x):  # model input -> [0, 1] image
     return (x * (128 / 255) + 127 / 255).clamp(0, 1)
 
