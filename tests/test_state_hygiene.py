@@ -123,3 +123,41 @@ def test_failure_in_decomposition_leaves_model_untouched(model):
     with pytest.raises(Injected):
         GeneralizedIntegratedGradients(model, "block2", dec).attribute(torch.randn(2, 3, 16, 16), target=0, n_steps=2)
     assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("where, after_calls", [("block2.0", 0), ("block3.0", 3), ("head", 0)])
+def test_graph_building_failure_leaves_model_untouched(where, after_calls):
+    from captum_gig.graph import ConceptGraph
+
+    torch.manual_seed(0)
+    m = SmallCNN().eval()
+    images = torch.randn(6, 3, 16, 16)
+    decs = [make_decomposer(m, layer, images) for layer in ("block2", "block3")]
+    m.train()
+    before = snapshot(m)
+    restore = fail_on_call(m.get_submodule(where), after_calls)
+    try:
+        with pytest.raises(Injected):
+            ConceptGraph.build(m, ["block2", "block3"], decs, images[:2], target=1, top_k=2, n_steps=4)
+    finally:
+        restore()
+    assert_same(before, snapshot(m))
+
+
+@pytest.mark.parametrize("where", ["block1.0", "head"])
+def test_dataset_aggregation_failure_leaves_model_untouched(where):
+    from captum_gig import class_attribution
+
+    torch.manual_seed(0)
+    m = SmallCNN().eval()
+    images = torch.randn(6, 3, 16, 16)
+    dec = make_decomposer(m, "block3", images)
+    m.train()
+    before = snapshot(m)
+    restore = fail_on_call(m.get_submodule(where), 2)
+    try:
+        with pytest.raises(Injected):
+            class_attribution(m, "block3", dec, images, n_steps=4, batch_size=3, progress=False)
+    finally:
+        restore()
+    assert_same(before, snapshot(m))
