@@ -23,13 +23,17 @@ from captum_gig import zoo
 
 weights = ResNet50_Weights.IMAGENET1K_V2
 cached = os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url)))
-may_download = os.environ.get("CAPTUM_GIG_DOCS_BUILD") != "1"  # the docs build never downloads
+may_download = os.environ.get("CAPTUM_GIG_DOCS_BUILD") != "1"  # the docs build never tries to download
+model = None
 if cached or may_download:
-    model = resnet50(weights=weights).eval()
-    print("ImageNet weights loaded")
-else:
+    try:
+        model = resnet50(weights=weights).eval()  # what a user with internet runs
+        print("ImageNet weights loaded")
+    except OSError as error:  # no network (urllib's URLError is an OSError)
+        print(f"could not download the weights ({error.__class__.__name__})")
+if model is None:
     model = resnet50(weights=None).eval()
-    print("offline documentation build: weights=None (random weights), same code path")
+    print("offline: weights=None (random weights), same code path")
 
 names = cg.expose_preactivations(model)
 print(len(names), "hookable pre-activations, e.g.", names[-4:])
@@ -38,7 +42,8 @@ print(len(names), "hookable pre-activations, e.g.", names[-4:])
 # Data: the bundled photos, preprocessed with the ImageNet statistics torchvision's weights expect
 # (a small image side keeps the documentation build fast; use 224 for real analyses).
 mean, std = weights.transforms().mean, weights.transforms().std
-images, photo_names = zoo.real_photos(size=160, mean=mean, std=std)
+images, photo_names = zoo.real_photos(size=128, mean=mean, std=std)
+images, photo_names = images[:6], photo_names[:6]  # 6 photos: a fast documentation build
 with torch.no_grad():
     predicted = model(images).argmax(1)
 
@@ -46,7 +51,7 @@ with torch.no_grad():
 # Concepts of two layers
 # ----------------------
 # The paper uses ``K = 8 x channels`` (8192 concepts for layer3) on ImageNet; here the basis is
-# sized for 13 photos. The offset of a BatchNorm-ended block is BN's net shift (eq. 8).
+# sized for 6 photos. The offset of a BatchNorm-ended block is BN's net shift (eq. 8).
 layers = ["layer3.5.preact", "layer4.2.preact"]
 decomposers = []
 for layer in layers:

@@ -19,11 +19,19 @@ from captum_gig import zoo
 
 weights = ViT_B_16_Weights.IMAGENET1K_V1
 cached = os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url)))
-if cached or os.environ.get("CAPTUM_GIG_DOCS_BUILD") != "1":
-    model, size = vit_b_16(weights=weights).eval(), 224
-else:
-    print("offline documentation build: weights=None, image side 64")
+model = None
+if cached or os.environ.get("CAPTUM_GIG_DOCS_BUILD") != "1":  # the docs build never tries to download
+    try:
+        model, size = vit_b_16(weights=weights).eval(), 224  # what a user with internet runs
+    except OSError as error:  # no network (urllib's URLError is an OSError)
+        print(f"could not download the weights ({error.__class__.__name__})")
+if model is None:
+    print("offline: weights=None (random weights), image side 64")
     model, size = vit_b_16(weights=None, image_size=64).eval(), 64
+    # torchvision initialises the classifier head to zeros, so an untrained ViT's logits are all
+    # zero and so is every attribution to a class; random head weights make the page informative
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
 
 images, names = zoo.real_photos(size=size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 images = images[:8]
@@ -55,3 +63,4 @@ with torch.no_grad():
 to_class = cg.GeneralizedIntegratedGradients(model, layers[1], decomposers[1])
 attr = to_class.attribute(images[:1], target=predicted, n_steps=8)
 print("GIG of encoder_layer_11's concepts to the predicted class:", attr[0].numpy().round(3))
+print("their sum", float(attr.sum()), "(the class logit's change along the path, up to the convergence delta)")

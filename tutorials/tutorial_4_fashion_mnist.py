@@ -7,8 +7,13 @@ on Fashion-MNIST test images (Debian's ``dataset-fashion-mnist``). First the ``c
 command runs the whole pipeline over the images; then the same artifacts are opened from
 Python. Equivalent shell command::
 
-    captum-gig run --model fashion-mnist-cnn --data fashion-mnist --limit 300 --by label \\
-        --layers block1 block2 block3 --out fashion-out
+    captum-gig run --model fashion-mnist-cnn --data fashion-mnist --limit 24 --by label \\
+        --layers block1 block2 block3 --per-image 4 --concepts 16 --n-steps 8 --top-k 3 \\
+        --graph class:Sneaker --graph pair:Pullover,Coat --atlas-top 3 --atlas-images 24 \\
+        --eval-steps 5 --eval-images 8 --out fashion-out
+
+(sized for a fast documentation build: a real analysis uses thousands of images and the
+defaults, ``--concepts`` being ``8 x channels`` there)
 """
 
 import json
@@ -22,9 +27,11 @@ from captum_gig import zoo
 from captum_gig.cli import load_class_attribution, main
 
 out = os.path.join(tempfile.mkdtemp(), "fashion-out")
-status = main(["run", "--model", "fashion-mnist-cnn", "--data", "fashion-mnist", "--limit", "300", "--by", "label",
-               "--layers", *zoo.FASHION_MNIST_LAYERS, "--per-image", "4", "--n-steps", "8", "--top-k", "3",
-               "--graph", "class:Sneaker", "--graph", "pair:Pullover,Coat", "--out", out, "--quiet", "--device", "cpu"])
+status = main(["run", "--model", "fashion-mnist-cnn", "--data", "fashion-mnist", "--limit", "24", "--by", "label",
+               "--layers", *zoo.FASHION_MNIST_LAYERS, "--per-image", "4", "--concepts", "16", "--n-steps", "8",
+               "--top-k", "3", "--graph", "class:Sneaker", "--graph", "pair:Pullover,Coat", "--atlas-top", "3",
+               "--atlas-images", "24", "--eval-steps", "5", "--eval-images", "8",
+               "--out", out, "--quiet", "--device", "cpu"])
 assert status == 0
 print(sorted(os.listdir(out)))
 
