@@ -41,7 +41,7 @@ def test_objective_matches_sklearn_lasso_cd(k, relu_like, positive, solver):
 def test_kkt_conditions_hold_at_solution():
     X, V = problem(k=128, relu_like=True, seed=2)
     alpha = 0.5
-    U = PFVDecomposer(ConceptBasis(V), alpha=alpha, tol=1e-8, max_iter=20000).transform(X)
+    U = PFVDecomposer(ConceptBasis(V), alpha=alpha, tol=1e-8, max_iter=20000, solver="working_set").transform(X)
     corr = (X - U @ V) @ V.t()
     assert (corr.abs() <= alpha * (1 + 1e-3)).all()
     support = U != 0
@@ -51,7 +51,7 @@ def test_kkt_conditions_hold_at_solution():
 def test_layouts_conv_and_tokens_agree_with_flat_pfvs():
     X, V = problem(n=2 * 3 * 4, k=64, seed=1)
     X = X.float()
-    dec = PFVDecomposer(ConceptBasis(V.float(), torch.randn(16)), alpha=0.3)
+    dec = PFVDecomposer(ConceptBasis(V.float(), torch.randn(16)), alpha=0.3, solver="working_set")
     flat = dec.transform(X)
     conv = X.view(2, 3, 4, 16).permute(0, 3, 1, 2)  # (N, C, H, W)
     U_conv = dec.transform(conv)
@@ -68,7 +68,7 @@ def test_layouts_conv_and_tokens_agree_with_flat_pfvs():
 def test_score_is_rel_l2_and_l0_ratio():
     X, V = problem(k=64, seed=3)
     offset = torch.randn(16, dtype=torch.float64)
-    dec = PFVDecomposer(ConceptBasis(V, offset), alpha=1.0)
+    dec = PFVDecomposer(ConceptBasis(V, offset), alpha=1.0, solver="working_set")
     score = dec.score(X)
     U = dec.transform(X)
     X_hat = U @ V + offset
@@ -133,7 +133,7 @@ def test_alpha_at_or_above_alpha_max_gives_zeros(positive):
     assert (U == 0).all()
     # per row: zero exactly where the row's own alpha_max is <= alpha, non-zero elsewhere
     alpha = float(a_max.median())
-    U = PFVDecomposer(basis, alpha=alpha, tol=1e-8).transform(X)
+    U = PFVDecomposer(basis, alpha=alpha, tol=1e-8, solver="working_set").transform(X)
     assert torch.equal((U != 0).any(1), a_max > alpha * (1 + 1e-9))
 
 
@@ -142,7 +142,7 @@ def test_duplicate_concepts_reach_the_optimum():
     V = torch.cat([V, V[:16], 2 * V[:4]])  # exact and scaled duplicates: a singular Gram matrix
     basis = ConceptBasis(V)
     alpha = float(0.1 * alpha_max(basis, X).median())
-    U = PFVDecomposer(basis, alpha=alpha, tol=1e-8).transform(X)
+    U = PFVDecomposer(basis, alpha=alpha, tol=1e-8, solver="working_set").transform(X)
     corr = (X - U @ V) @ V.t()
     assert (corr.abs() <= alpha * (1 + 1e-4)).all()
     U_sk = torch.from_numpy(sparse_encode(X.numpy(), V.numpy(), algorithm="lasso_cd", alpha=alpha, max_iter=20000))
