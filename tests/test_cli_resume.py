@@ -17,19 +17,9 @@ import torch
 from safetensors import safe_open
 
 from captum_gig import cli
-from test_cli import MODEL_SOURCE, _write_images, common
+from test_cli import common, workspace  # noqa: F401  (workspace: the CLI tests' model and images)
 
 STAGES = cli.STAGES
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    import numpy as np
-
-    root = tmp_path_factory.mktemp("resume")
-    (root / "model.py").write_text(MODEL_SOURCE)
-    _write_images(root / "images", np.random.default_rng(0))
-    return root
 
 
 def _tensor_artifacts(out):
