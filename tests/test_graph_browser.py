@@ -6,28 +6,16 @@ and that the edge-strength filter hides exactly the weaker edges. Set
 CAPTUM_GIG_SCREENSHOT=/some/file.png to keep the screenshot.
 """
 
-import json
 import os
-import shutil
-import subprocess
-import tempfile
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 
+from browser import CHROMIUM, chromium, problems
 from captum_gig.atlas import ConceptAtlas
 from captum_gig.graph import ConceptGraph
 from conftest import require, require_path
-
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-dev-shm-usage",
-    "--remote-debugging-port=0", "--window-size=1400,900", "--remote-allow-origins=*",
-]
 
 
 def make_graph_and_atlases():
@@ -49,71 +37,12 @@ def make_graph_and_atlases():
     return graph, atlases
 
 
-class DevTools:
-    """A minimal DevTools-protocol client over one websocket."""
-
-    def __init__(self, url):
-        websocket = require("websocket")
-        self.ws = websocket.create_connection(url, timeout=20)
-        self.next_id = 0
-        self.events = []
-
-    def call(self, method, **params):
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == self.next_id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-            self.events.append(msg)
-
-    def wait_for(self, event, timeout=20):
-        end = time.time() + timeout
-        while time.time() < end:
-            if any(e.get("method") == event for e in self.events):
-                return
-            self.events.append(json.loads(self.ws.recv()))
-        raise TimeoutError(event)
-
-    def js(self, expression):
-        res = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in res:
-            raise RuntimeError(f"{expression}: {res['exceptionDetails']}")
-        return res["result"].get("value")
-
-    def click(self, x, y):
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-
 @pytest.fixture()
 def browser():
     require_path(CHROMIUM)
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file = os.path.join(profile, "DevToolsActivePort")
-        end = time.time() + 30
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            if time.time() > end or proc.poll() is not None:
-                pytest.fail("chromium did not start its DevTools endpoint")
-            time.sleep(0.05)
-        port = int(open(port_file).read().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-            pages = [t for t in json.load(r) if t["type"] == "page"]
-        dev = DevTools(pages[0]["webSocketDebuggerUrl"])
+    require("websocket")
+    with chromium() as dev:
         yield dev
-        dev.ws.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_page_renders_and_a_click_shows_the_atlas(browser, tmp_path):
@@ -161,7 +90,5 @@ def test_page_renders_and_a_click_shows_the_atlas(browser, tmp_path):
 
         with open(keep, "wb") as f:
             f.write(base64.b64decode(shot))
-    errors = [e for e in dev.events if e.get("method") == "Runtime.exceptionThrown"
-              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
-              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    errors = problems(dev.events)
     assert not errors, errors
