@@ -81,6 +81,14 @@ def _check_pfvs(X, argument: str = "X") -> Tensor:
 # below this many elements (rows x channels) a cluster is split on one thread
 _ONE_THREAD_ELEMENTS = 1 << 20
 
+#: clusters of at most this many rows are split many at a time, in the row space (see
+#: ``BisectingSphericalKMeans._split_small``); larger ones one by one in the channel space
+SMALL_SPLIT_ROWS = 64
+
+# power iteration stops once the direction turns by less than this (1 - |cos|): it only seeds
+# the 2-means, which refines the split
+_POWER_TOL = 1e-4
+
 
 class BisectingSphericalKMeans:
     r"""Bisecting spherical k-means (Steinbach et al. 2000; Dhillon & Modha 2001).
@@ -90,9 +98,15 @@ class BisectingSphericalKMeans:
     similarity, centroids are normalised sums) until ``n_clusters`` exist.
 
     Each 2-means starts from the split along the cluster's principal direction
-    (found by power iteration from a start vector drawn from ``seed``), so the
-    result does not depend on the order of the rows, and every step is a sum
-    over rows (which is what lets a distributed fit reduce partial sums).
+    (found by power iteration), so the result does not depend on the order of
+    the rows, and every step is a sum over rows (which is what lets a
+    distributed fit reduce partial sums). Large clusters iterate in the channel
+    space from a start vector drawn from ``seed``. Clusters of at most
+    :data:`SMALL_SPLIT_ROWS` rows -- most of the splits when K is large --
+    iterate on their centred Gram matrix instead, from the row farthest from
+    their mean, and are split many at a time (a split depends only on the
+    cluster's own rows, so the clusters the heap will ask for next are split
+    together in one batch).
 
     Args:
         n_clusters (int): number of clusters K.
@@ -172,13 +186,23 @@ class BisectingSphericalKMeans:
         # a single-process CPU fit drops to one thread (2-means on a few hundred rows gains
         # nothing from threads, and pays their wake-up cost on every one of its small ops).
         one_thread = local and threads > 1 and Y.device.type == "cpu"
+        ready: Dict[int, Tuple[Tensor, Tuple[int, int]]] = {}  # small clusters split ahead of their turn
         while len(members) < k:
             neg_size, j = heapq.heappop(heap)
             idx = members[j]
             history.append((j, -neg_size))
             if one_thread and -neg_size * Y.shape[1] < _ONE_THREAD_ELEMENTS and torch.get_num_threads() != 1:
                 torch.set_num_threads(1)
-            if local:  # single process: no wrappers, sizes are the local row counts
+            if -neg_size <= SMALL_SPLIT_ROWS:
+                if j not in ready:
+                    # the clusters that may be split next: the largest ones, as many as splits remain
+                    # (a split's children can overtake some of them; those splits are wasted, not wrong)
+                    later = heapq.nsmallest(k - len(members) - 1, heap)
+                    batch = [j] + [c for s, c in later if s <= -2 and c not in ready]
+                    ready.update(zip(batch, _dist.split_small_clusters(self, Y, rows, [members[c] for c in batch])))
+                right, sizes = ready.pop(j)
+                members[j], new = idx[~right], idx[right]
+            elif local:  # single process: no wrappers, sizes are the local row counts
                 right = self._split_local(Y[idx], len(history) - 1)
                 members[j], new = idx[~right], idx[right]
                 sizes = (members[j].shape[0], new.shape[0])
@@ -212,7 +236,7 @@ class BisectingSphericalKMeans:
             if norm == 0:
                 break
             w = w / norm
-            done = (w @ v).abs() > 1 - 1e-7
+            done = (w @ v).abs() > 1 - _POWER_TOL
             v = w
             if done:
                 break
@@ -220,17 +244,16 @@ class BisectingSphericalKMeans:
         if not _both_sides(right, red):
             right = _alternate(Y.shape[0], row_ids, Y.device)
         # spherical 2-means
+        s1 = red(Y.t() @ right.to(Y.dtype))
         for _ in range(self.max_iter):
-            s1 = red(Y.t() @ right.to(Y.dtype))
             centroids = torch.nn.functional.normalize(torch.stack([total - s1, s1]), dim=1)
-            sims = Y @ centroids.t()
-            new_right = sims[:, 1] > sims[:, 0]
-            changed = red((new_right != right).sum().to(Y.dtype))
-            if not _both_sides(new_right, red):
+            new_right = Y @ (centroids[1] - centroids[0]) > 0
+            joined, left = new_right & ~right, right & ~new_right
+            changed = red((joined | left).sum().to(Y.dtype))
+            if not _both_sides(new_right, red) or changed == 0:
                 break
+            s1 = s1 + red(Y[joined].sum(0) - Y[left].sum(0))
             right = new_right
-            if changed == 0:
-                break
         return right
 
 
@@ -243,7 +266,7 @@ class BisectingSphericalKMeans:
         mean = total / n
         Yt = Y.t()
         # the threshold as the comparison in Y's dtype sees it
-        near_one = torch.tensor(1 - 1e-7, dtype=Y.dtype).item()
+        near_one = torch.tensor(1 - _POWER_TOL, dtype=Y.dtype).item()
         n_mean = n * mean  # (n * mean) * (mean @ v), evaluated left to right as in _split
         v = self._start_vector(Y.shape[1], split_number, Y)
         v = v / v.norm()
@@ -261,18 +284,88 @@ class BisectingSphericalKMeans:
         k = int(right.sum())
         if k == 0 or k == m:
             right = torch.arange(m, device=Y.device) % 2 == 1
+        s1 = Yt @ right.to(Y.dtype)
         for _ in range(self.max_iter):
-            s1 = Yt @ right.to(Y.dtype)
             centroids = torch.nn.functional.normalize(torch.stack([total - s1, s1]), dim=1)
-            sims = Y @ centroids.t()
-            new_right = sims[:, 1] > sims[:, 0]
+            new_right = Y @ (centroids[1] - centroids[0]) > 0
             k = int(new_right.sum())
             if k == 0 or k == m:
                 break
-            if torch.equal(new_right, right):
+            joined, left = new_right & ~right, right & ~new_right
+            if not bool((joined | left).any()):
                 break
+            s1 = s1 + (Y[joined].sum(0) - Y[left].sum(0))  # only the rows that moved: one pass per iteration
             right = new_right
         return right
+
+    def _split_small(self, Y: Tensor, clusters: List[Tensor]) -> List[Tensor]:
+        """Split many small clusters at once: for each index tensor into ``Y``, the mask of the rows that move.
+
+        The split rule of :meth:`_split_local`, batched over the clusters that
+        pad to the same power of two (zero rows). The principal direction of a
+        few centred rows lies in their span, so the power iteration runs on the
+        small centred Gram matrix, starting from the column of the row farthest
+        from the mean (not a random vector); a cluster is frozen once it
+        converges, so its result depends only on its own rows.
+        """
+        out: List[Optional[Tensor]] = [None] * len(clusters)
+        widths: Dict[int, List[int]] = {}
+        for i, idx in enumerate(clusters):
+            widths.setdefault(max(8, 1 << (idx.shape[0] - 1).bit_length()), []).append(i)
+        near_one = torch.tensor(1 - _POWER_TOL, dtype=Y.dtype).item()
+        for width, ids in widths.items():
+            lengths = torch.tensor([clusters[i].shape[0] for i in ids], device=Y.device)
+            b = len(ids)
+            owner = torch.repeat_interleave(torch.arange(b, device=Y.device), lengths)
+            slot = torch.arange(owner.shape[0], device=Y.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+            index = torch.zeros((b, width), dtype=torch.long, device=Y.device)
+            real = torch.zeros((b, width), dtype=torch.bool, device=Y.device)
+            index[owner, slot] = torch.cat([clusters[i].to(Y.device) for i in ids])
+            real[owner, slot] = True
+            Z = Y.index_select(0, index.view(-1)).view(b, width, -1).masked_fill_(~real.unsqueeze(2), 0)  # zero rows pad
+            n = lengths.to(Y.dtype).view(b, 1, 1)
+            total = Z.sum(1)
+            mean = total.unsqueeze(2) / n  # (b, C, 1)
+            cosine = torch.where(real, (Z @ mean).squeeze(2), torch.full_like(real, float("inf"), dtype=Y.dtype))
+            far = cosine.argmin(1)  # the row farthest from the mean
+            # power iteration on the centred (width x width) Gram matrix, from its column `far`
+            G = Z @ Z.transpose(1, 2)
+            r = G.sum(2, keepdim=True)
+            pairs = real.unsqueeze(2) & real.unsqueeze(1)
+            G = (G - r / n - r.transpose(1, 2) / n + r.sum(1, keepdim=True) / (n * n)) * pairs
+            v = G.gather(2, far.view(b, 1, 1).expand(b, width, 1))
+            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            active = torch.ones(b, dtype=torch.bool, device=Y.device)
+            for _ in range(self.power_iter):
+                w = G @ v
+                norm = w.norm(dim=1, keepdim=True)
+                moving = active.view(b, 1, 1) & (norm > 0)
+                w = w / norm.clamp_min(1e-30)
+                converged = ((w * v).sum(1).abs() > near_one).view(b)
+                v = torch.where(moving, w, v)
+                active = active & moving.view(b) & ~converged
+                if not bool(active.any()):
+                    break
+            right = ((G @ v).squeeze(2) > 0) & real  # G v: the centred rows' projections on the direction
+            k = right.sum(1)
+            alternate = (torch.arange(width, device=Y.device) % 2 == 1) & real
+            right = torch.where(((k == 0) | (k == lengths)).unsqueeze(1), alternate, right)
+            s1 = (right.to(Y.dtype).unsqueeze(1) @ Z).squeeze(1)
+            active = torch.ones(b, dtype=torch.bool, device=Y.device)
+            for _ in range(self.max_iter):
+                centroids = torch.nn.functional.normalize(torch.stack([total - s1, s1]), dim=2)
+                new_right = ((Z @ (centroids[1] - centroids[0]).unsqueeze(2)).squeeze(2) > 0) & real
+                k = new_right.sum(1)
+                moved = active & (k > 0) & (k < lengths) & (new_right != right).any(1)
+                if not bool(moved.any()):
+                    break
+                delta = (new_right.to(Y.dtype) - right.to(Y.dtype)) * moved.unsqueeze(1)
+                s1 = s1 + (delta.unsqueeze(1) @ Z).squeeze(1)
+                right = torch.where(moved.unsqueeze(1), new_right, right)
+                active = moved
+            for row, i in enumerate(ids):
+                out[i] = right[row, : clusters[i].shape[0]]
+        return out  # type: ignore[return-value]
 
 
 def _alternate(n_local: int, row_ids: Optional[Tensor], device) -> Tensor:

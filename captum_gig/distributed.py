@@ -43,6 +43,7 @@ __all__ = [
     "barrier",
     "sharded_transform",
     "split_cluster",
+    "split_small_clusters",
     "local_only",
 ]
 
@@ -262,3 +263,39 @@ def split_cluster(km, Y: Tensor, row_ids: Tensor, size: int, split_number: int) 
         right = km._split(rows, split_number)
     position = torch.searchsorted(everyone[order], row_ids)
     return right[position.to(right.device)]
+
+
+def split_small_clusters(km, Y: Tensor, row_ids: Tensor, clusters: List[Tensor]):
+    """Many small bisecting k-means splits at once; per cluster, this process's mask and the two sizes.
+
+    ``clusters`` index this process's rows ``Y`` (global row numbers
+    ``row_ids``). The rows of all of them are all-gathered, put in global row
+    order within each cluster, and every process runs
+    ``km._split_small`` on the same data, as a single process would.
+
+    Returns:
+        list of (Tensor, (int, int)): for each cluster, the mask of this
+        process's rows that move, and the sizes (staying, moving) over all processes.
+    """
+    if not is_distributed():
+        masks = km._split_small(Y, clusters)
+        return [(m, (m.shape[0] - int(m.sum()), int(m.sum()))) for m in masks]
+    device = Y.device
+    owner = torch.cat([torch.full((idx.shape[0],), c, dtype=torch.long) for c, idx in enumerate(clusters)]).to(device)
+    mine = torch.cat(list(clusters)).to(device)
+    ids = torch.cat(all_gather(row_ids[mine]))
+    owners = torch.cat(all_gather(owner))
+    rows = torch.cat(all_gather(Y[mine]))
+    order = torch.argsort(owners * (int(ids.max()) + 1) + ids)
+    ids, owners, rows = ids[order], owners[order], rows[order]
+    counts = torch.bincount(owners, minlength=len(clusters)).tolist()
+    starts = [sum(counts[:c]) for c in range(len(clusters))]
+    with local_only():
+        masks = km._split_small(rows, [torch.arange(s, s + n, device=device) for s, n in zip(starts, counts)])
+    out = []
+    for c, idx in enumerate(clusters):
+        everyone = ids[starts[c] : starts[c] + counts[c]]
+        position = torch.searchsorted(everyone, row_ids[idx].to(everyone.device))
+        moving = int(masks[c].sum())
+        out.append((masks[c][position.to(device)], (counts[c] - moving, moving)))
+    return out

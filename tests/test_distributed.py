@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_gig import BisectingSphericalKMeans, ConceptBasis, PFVDecomposer, alpha_max, collect_pfvs
+from captum_gig import concepts as concepts_
 from captum_gig import distributed as dist_
 from captum_gig._data import iter_batches, iter_shard
 from captum_gig.aggregate import class_attribution, interlayer_attribution
@@ -34,9 +35,10 @@ def _pipeline(model, images, labels, blobs):
     loader = DataLoader(TensorDataset(images, labels), batch_size=3)  # 4 batches
     pfvs = collect_pfvs(model, "block2", loader, per_image=3, seed=5, progress=False)
     uniform = collect_pfvs(model, "block3", images, sampling="uniform", per_image=2, batch_size=5, seed=2, progress=False)
-    default_local = dist_.LOCAL_SPLIT_ROWS
-    # clusters of >= 10 rows split with all-reduced sums, smaller ones gathered (single-process: no effect)
-    dist_.LOCAL_SPLIT_ROWS = 10
+    default_local, default_small = dist_.LOCAL_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS
+    # clusters of >= 10 rows split with all-reduced sums, smaller ones gathered (single-process: no effect),
+    # those of <= 4 rows gathered and split in batches
+    dist_.LOCAL_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = 10, 4
     basis = ConceptBasis.fit(pfvs, 12, offset="mean", seed=3, progress=False)
     alpha = 0.1 * float(alpha_max(basis, pfvs.vectors).median())
     dec = PFVDecomposer(basis, alpha=alpha, chunk_size=8)  # 36 rows: 5 chunks
@@ -45,12 +47,15 @@ def _pipeline(model, images, labels, blobs):
     basis3 = ConceptBasis.fit(uniform, 6, offset=model.block3[1], seed=0, progress=False)
     inter = interlayer_attribution(model, "block2", dec, "block3", basis3, images, targets=[0, 2, 5], by="all",
                                    n_steps=2, batch_size=5, progress=False)
-    dist_.LOCAL_SPLIT_ROWS = 0  # every split on sharded rows, also the degenerate ones
+    dist_.LOCAL_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = 0, 0  # every split on sharded rows, also the degenerate ones
     km = BisectingSphericalKMeans(9, seed=1).fit(blobs)
     dist_.LOCAL_SPLIT_ROWS = 10**9  # every split gathered
     km_gathered = BisectingSphericalKMeans(9, seed=1).fit(blobs)
-    dist_.LOCAL_SPLIT_ROWS = default_local
-    out = {"centres": km.cluster_centers_, "km_gathered_labels": km_gathered.labels_, "km_labels": km.labels_, "split_sizes": torch.tensor(km.split_history_),
+    concepts_.SMALL_SPLIT_ROWS = 10**9  # every split gathered and batched
+    km_batched = BisectingSphericalKMeans(9, seed=1).fit(blobs)
+    dist_.LOCAL_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = default_local, default_small
+    out = {"centres": km.cluster_centers_, "km_gathered_labels": km_gathered.labels_, "km_batched_labels": km_batched.labels_,
+           "km_labels": km.labels_, "split_sizes": torch.tensor(km.split_history_),
            "vectors": basis.vectors, "offset": basis.offset, "basis_labels": basis.labels, "sizes": basis.sizes,
            "U": U, "classes": res.classes, "mean": res.mean, "counts": res.counts,
            "inter_mean": inter.mean, "inter_counts": inter.counts, "basis3": basis3.vectors}
@@ -94,7 +99,7 @@ def test_two_gloo_processes_equal_single_process(tmp_path):
         torch.set_num_threads(threads)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     assert ranks[0]["local_shard"].tolist() == [0, 2, 4, 6] and ranks[1]["local_shard"].tolist() == [1, 3, 5]
-    exact = {"km_labels", "km_gathered_labels", "split_sizes", "basis_labels", "sizes", "classes", "counts", "inter_counts"}
+    exact = {"km_labels", "km_gathered_labels", "km_batched_labels", "split_sizes", "basis_labels", "sizes", "classes", "counts", "inter_counts"}
     exact |= {k for k in single if k.endswith(("_image_index", "_position", "_labels", "_target"))}
     assert single["pfv_vectors"].shape == (36, 6) and single["upfv_vectors"].shape == (24, 8)
     assert single["classes"].numel() >= 2 and int((single["U"] != 0).sum()) > 0
