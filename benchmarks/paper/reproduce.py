@@ -442,7 +442,8 @@ def write_report(results, cfg, argv, seconds, pngs, out) -> str:
     L.append(f"- **Command:** `{cmd}`")
     L.append(f"- **Run time:** {seconds / 60:.1f} min on {os.cpu_count()} CPU cores "
              f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads; the machine was shared with other jobs)")
+             f"{torch.get_num_threads()} threads; load average {results['load_start']:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end)")
     L.append(f"- **Written:** {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by the committed script; "
              "every number below comes from that run.\n")
     L.append("The paper's numbers are for ResNet50 on ImageNet; ours are for the models below, so only the "
@@ -610,7 +611,7 @@ def main(argv=None):
     cfg = dict(QUICK if args.quick else FULL)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    results, figs = {}, {}
+    results, figs = {"load_start": os.getloadavg()[0]}, {}
     fashion(cfg, results, figs)
     if not args.no_efficientnet:
         efficientnet(cfg, results, figs)
