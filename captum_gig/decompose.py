@@ -454,7 +454,7 @@ def _prox(z: Tensor, threshold: Tensor, positive: bool) -> Tensor:
     return torch.sign(z) * (z.abs() - threshold).clamp_min(0)
 
 def _working_set(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: float, max_iter: int, tol: float,
-                 positive: bool, first_size: int = 32, memory: int = 2**26) -> Tensor:
+                 positive: bool, first_size: int = 8, memory: int = 2**26) -> Tensor:
     """Lasso by working sets: solve on a few concepts per row, add the KKT violators, repeat.
 
     Each row's solution has few non-zeros, so the problem restricted to a small
@@ -468,6 +468,8 @@ def _working_set(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: f
     working-set solution.
     """
     n, k = Xc.shape[0], V.shape[0]
+    # a small first set: the restricted solves cost ~m^2 per row per Newton step, and the set doubles
+    # in a few cheap rounds (measured: 8 beats 32 by 1.2-3x at 3 to 40 non-zeros per PFV)
     out = torch.zeros(n, k, dtype=Xc.dtype, device=Xc.device)
     if n == 0:
         return out
