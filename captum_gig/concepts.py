@@ -87,7 +87,7 @@ SMALL_SPLIT_ROWS = 64
 
 # power iteration stops once the direction turns by less than this (1 - |cos|): it only seeds
 # the 2-means, which refines the split
-_POWER_TOL = 1e-4
+_POWER_TOL = 1e-3
 
 
 class BisectingSphericalKMeans:
