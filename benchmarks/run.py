@@ -270,7 +270,6 @@ V, mu = concept_matrix(k, c, device=dev)
 X = relu_like_pfvs(n, c, seed=0, device=dev)
 basis = ConceptBasis(V, mu)
 dec = PFVDecomposer(basis, alpha=float(0.3 * alpha_max(basis, X[:256]).median()), chunk_size={chunk})
-U = torch.empty(n, k, device=dev)  # the output
 if dev == "cuda":
     torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
 else:  # reset the RSS high-water mark (Linux), so set-up transients do not hide the solver's peak
@@ -280,9 +279,13 @@ else:  # reset the RSS high-water mark (Linux), so set-up transients do not hide
     base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
 t = time.perf_counter()
 U = dec.transform(X)
+if dev == "cuda":
+    torch.cuda.synchronize()
 el = time.perf_counter() - t
 peak = torch.cuda.max_memory_allocated() if dev == "cuda" else hwm()
-print("RESULT", (peak - base) / 2**30, el)
+output = U.numel() * U.element_size()  # the coefficients are an output: not counted
+nnz = float((U != 0).sum(1).double().mean())
+print("RESULT", (peak - base - output) / 2**30, el, nnz)
 """
 
 
@@ -294,11 +297,12 @@ def bench_memory(args):
     if not line:
         print(out.stderr[-2000:])
         return
-    gib, el = map(float, line[0].split()[1:])
+    gib, el, nnz = map(float, line[0].split()[1:])
     # beyond inputs and outputs the solver holds the K x K float64 Gram matrix and O(chunk x K) buffers;
     # at the paper's scale (K=16384, chunk 4096) that is 2 GiB + chunk buffers, independent of N
     ROWS.append(dict(name=f"memory_streamed[N={n},C={c},K={k},chunk={chunk}]", ours_s=el, peer_s=None, ratio=None,
-                     quality=gib, note="quality = peak GiB beyond inputs and outputs (RSS high-water mark on CPU)"))
+                     quality=gib, note=f"quality = peak GiB beyond inputs and the (N x K) output (RSS high-water mark on CPU, "
+                          f"peak allocated on CUDA); {nnz:.0f} non-zeros/PFV"))
     print(f"  memory: {gib:.2f} GiB beyond inputs/outputs, {el:.1f}s", flush=True)
 
 
@@ -309,7 +313,10 @@ def main():
     p.add_argument("--only", default="decompose,cluster,gig,memory")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--memory-size", default=None, metavar="N,C,K,CHUNK",
+                   help="size of the streamed-memory run (the paper's scale: 50000,2048,16384,4096)")
     a = p.parse_args()
+    a.memory_size_arg = a.memory_size
     warnings.filterwarnings("ignore")
     a.alpha_fraction = 0.3
     if a.quick:
@@ -326,6 +333,8 @@ def main():
         a.arch, a.layers, a.image_size, a.n_steps, a.k_factor, a.loop_targets = "resnet50", ("layer3.5", "layer4.0"), 224, 50, 8, 8
         a.matrix_dirs = 64
         a.memory_size = (8192, 1024, 8192, 4096)
+    if a.memory_size_arg is not None:
+        a.memory_size = tuple(int(v) for v in a.memory_size_arg.split(","))
     only = set(a.only.split(","))
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)) if a.device == "cpu" else torch.get_num_threads())
     start = time.time()
