@@ -304,7 +304,8 @@ def ierf(
                         raise ValueError(f"directions must be ({own.shape[1]},) or (B, {own.shape[1]}); got {tuple(d.shape)}")
                     d = F.normalize(d, dim=1)
                 scores_all.append((own * d).sum(1).detach().cpu())
-                attr = attributor.attribute(x, additional_forward_args=(pos, d), **kwargs)
+                # gradient methods on the raw input (InputXGradient, Saliency) warn unless it requires grad
+                attr = attributor.attribute(x.detach().requires_grad_(True), additional_forward_args=(pos, d), **kwargs)
                 if isinstance(attr, tuple):
                     attr = attr[0]
                 heat_all.append(attr.detach().sum(1).cpu())
