@@ -146,3 +146,47 @@ def test_cohesion_close_to_sklearn_bisecting():
     sk_centers = torch.nn.functional.normalize(torch.from_numpy(sk.cluster_centers_).float(), dim=1)
     sk_cos = (Y * sk_centers[torch.from_numpy(sk.labels_).long()]).sum(1).mean()
     assert ours_cos >= sk_cos - 0.01
+
+
+def test_small_clusters_split_alike_in_a_batch_or_alone():
+    # the fit splits the clusters the heap asks for next together: each split must depend on its own rows only
+    g = torch.Generator().manual_seed(0)
+    Y = torch.nn.functional.normalize(torch.randn(900, 24, generator=g), dim=1)
+    sizes = [2, 3, 5, 8, 9, 16, 17, 31, 33, 64, 40, 7, 64, 2]
+    cuts = torch.randperm(900, generator=g)[: sum(sizes)].split(sizes)
+    km = BisectingSphericalKMeans(2, seed=0)
+    together = km._split_small(Y, list(cuts))
+    for idx, mask in zip(cuts, together):
+        assert mask.shape == idx.shape and 0 < int(mask.sum()) < len(idx)
+        assert torch.equal(mask, km._split_small(Y, [idx])[0])
+
+
+def test_small_cluster_path_recovers_planted_clusters(monkeypatch):
+    from captum_gig import concepts
+
+    X, truth = planted(n_clusters=4, per_cluster=12, noise=0.3)  # 48 rows: every split on the batched path
+    assert len(X) <= concepts.SMALL_SPLIT_ROWS
+    batched = BisectingSphericalKMeans(4, seed=0).fit(X)
+    assert adjusted_rand_score(truth.numpy(), batched.labels_.numpy()) >= 0.95
+    monkeypatch.setattr(concepts, "SMALL_SPLIT_ROWS", 0)  # every split one by one in the channel space
+    one_by_one = BisectingSphericalKMeans(4, seed=0).fit(X)
+    assert adjusted_rand_score(batched.labels_.numpy(), one_by_one.labels_.numpy()) >= 0.95
+
+
+def test_small_clusters_split_into_their_planted_halves():
+    # each cluster holds two groups along their own directions: in a batch of clusters of mixed sizes
+    # (padded to a common width), every split must separate exactly its two groups
+    g = torch.Generator().manual_seed(2)
+    rows, halves = [], []
+    start = 0
+    for a, b in [(3, 5), (10, 6), (20, 30), (1, 9), (33, 31), (7, 7)]:
+        d = torch.nn.functional.normalize(torch.randn(2, 24, generator=g), dim=1)
+        half = torch.arange(a + b) >= a
+        pts = d[half.long()] + 0.05 * torch.randn(a + b, 24, generator=g)
+        rows.append(torch.nn.functional.normalize(pts, dim=1))
+        halves.append(half)
+    Y = torch.cat(rows)
+    sizes = [len(h) for h in halves]
+    clusters = list(torch.arange(len(Y)).split(sizes))
+    for mask, half in zip(BisectingSphericalKMeans(2)._split_small(Y, clusters), halves):
+        assert torch.equal(mask, half) or torch.equal(mask, ~half)
