@@ -435,6 +435,10 @@ def mean_sd(v):
     return f"{np.mean(v):.4f} (range {min(v):.4f}-{max(v):.4f})"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def write_report(results, cfg, argv, seconds, pngs, out) -> str:
     L = []
     cmd = "nice python benchmarks/paper/reproduce.py" + (" " + " ".join(argv) if argv else "")
@@ -442,7 +446,7 @@ def write_report(results, cfg, argv, seconds, pngs, out) -> str:
     L.append(f"- **Command:** `{cmd}`")
     L.append(f"- **Run time:** {seconds / 60:.1f} min on {os.cpu_count()} CPU cores "
              f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads; load average {results['load_start']:.1f} at the start, "
+             f"{_count(torch.get_num_threads(), 'thread')}; load average {results['load_start']:.1f} at the start, "
              f"{os.getloadavg()[0]:.1f} at the end)")
     L.append(f"- **Written:** {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by the committed script; "
              "every number below comes from that run.\n")
@@ -461,7 +465,7 @@ def write_report(results, cfg, argv, seconds, pngs, out) -> str:
              f"{cfg['alpha_fraction']} x the median alpha_max of the fitting PFVs (*ours*; the paper gives no "
              "lambda). Table 1 is measured on held-out PFVs (relevance-sampled from the first "
              f"{cfg['fm_eval_pfv_images']} test images).")
-    L.append(f"- C-Deletion / C-Insertion: {cfg['fm_per_class']} held-out test images per class; concepts ordered "
+    L.append(f"- C-Deletion / C-Insertion: {_count(cfg['fm_per_class'], 'held-out test image')} per class; concepts ordered "
              f"by class GIG (eq. 7, softmax probability, {cfg['gig_steps']} Gauss-Legendre points) averaged over "
              "the class's images (Fel et al.: one order per class, *ours*); score = probability of the true class; "
              f"{cfg['steps'] + 1} points from 0 to 100% of the concepts; removed concepts have their coefficients "
