@@ -1,5 +1,6 @@
 """Sparse decomposition of PFVs on a concept basis (paper section 3.2.2, eq. 1-2)."""
 
+import warnings
 from contextlib import contextmanager
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
@@ -403,7 +404,9 @@ def _orthant_newton(G: Tensor, b: Tensor, u: Tensor, valid: Tensor, alpha: float
         candidates = torch.stack([projected, safe, proximal])  # (3, n, m)
         values = torch.stack([_restricted_objective(G, b, c, alpha) for c in candidates])
         values = torch.where(torch.isfinite(values), values, torch.full_like(values, float("inf")))
-        best = values.argmin(0)
+        low = values.min(0).values
+        # the Newton step wins ties within round-off (else a row at its optimum never counts as finished)
+        best = torch.where(values[0] <= low + 1e-12 * low.abs(), torch.zeros_like(low, dtype=torch.long), values.argmin(0))
         u = candidates.gather(0, best.view(1, n, 1).expand(1, n, m)).squeeze(0)
         full_step = (best == 0) & agrees.all(1)
     out[idx] = u
@@ -495,20 +498,20 @@ def _working_set(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: f
                 b = torch.where(ok, b0[sl].gather(1, w).to(gram.dtype), torch.zeros_like(u[sl]))
                 u[sl] = _orthant_newton(G, b, u[sl], ok, alpha, positive, rank)
         # the full problem: residual, correlations with every concept, duality gap
-        U = torch.zeros(ws.shape[0], k, dtype=x.dtype, device=x.device).scatter_add_(1, ws, (u * valid).to(x.dtype))
-        R = x - U @ V
+        coef = (u * valid).to(x.dtype)
+        R = x - _sparse_rows(ws, coef, k) @ V  # a few non-zeros per row: a sparse product, not (n x K) @ V
         corr = R @ V.t()
         bound = corr.clamp_min(0).amax(1) if positive else corr.abs().amax(1)
         scale = torch.where(bound > alpha, alpha / bound.clamp_min(1e-30), torch.ones_like(bound))
-        primal = 0.5 * R.pow(2).sum(1) + alpha * U.abs().sum(1)
+        primal = 0.5 * R.pow(2).sum(1) + alpha * coef.abs().sum(1)
         theta = R * scale.unsqueeze(1)
         gap = primal - ((x * theta).sum(1) - 0.5 * theta.pow(2).sum(1))
         done = gap <= tol * primal.clamp_min(1e-30)
         if bool(done.any()):
-            out[rows[done]] = U[done]
+            out[rows[done]] = _dense_rows(ws[done], coef[done], k)
             keep = ~done
-            rows, x, b0, ws, valid, u, corr, U, bound = (
-                t[keep] for t in (rows, x, b0, ws, valid, u, corr, U, bound)
+            rows, x, b0, ws, valid, u, corr, coef, bound = (
+                t[keep] for t in (rows, x, b0, ws, valid, u, corr, coef, bound)
             )
             if rows.numel() == 0:
                 return out
@@ -524,12 +527,13 @@ def _working_set(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: f
         if bool(stalled.any()):
             failed = stalled & (bound > alpha * (1 + 1e-3))
             accept = stalled & ~failed
-            out[rows[accept]] = U[accept]
+            out[rows[accept]] = _dense_rows(ws[accept], coef[accept], k)
             if bool(failed.any()):
-                out[rows[failed]] = _fista(x[failed], V, lipschitz, alpha, max_iter, tol, positive, start=U[failed])
+                start = _dense_rows(ws[failed], coef[failed], k)
+                out[rows[failed]] = _fista(x[failed], V, lipschitz, alpha, max_iter, tol, positive, start=start)
             keep = ~stalled
-            rows, x, b0, ws, valid, u, U, top, joining = (
-                t[keep] for t in (rows, x, b0, ws, valid, u, U, top.indices, joining)
+            rows, x, b0, ws, valid, u, coef, top, joining = (
+                t[keep] for t in (rows, x, b0, ws, valid, u, coef, top.indices, joining)
             )
             if rows.numel() == 0:
                 return out
@@ -542,5 +546,21 @@ def _working_set(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: f
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
         width = max(1, int(valid.sum(1).max()))
         ws, valid, u = (t.gather(1, order)[:, :width] for t in (ws, valid, u))
-    out[rows] = U
+    out[rows] = _dense_rows(ws, (u * valid).to(x.dtype), k)
     return out
+
+
+def _dense_rows(ws: Tensor, coef: Tensor, k: int) -> Tensor:
+    """``(n, k)`` coefficients from per-row concept indices ``ws`` and values ``coef`` (both ``(n, m)``)."""
+    return torch.zeros(ws.shape[0], k, dtype=coef.dtype, device=coef.device).scatter_add_(1, ws, coef)
+
+
+def _sparse_rows(ws: Tensor, coef: Tensor, k: int) -> Tensor:
+    """The same coefficients as a CSR matrix (``m`` stored entries per row; repeated indices add up)."""
+    n, m = ws.shape
+    order = ws.argsort(dim=1)
+    crow = torch.arange(0, n * m + 1, m, device=ws.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state" / invariant-check notices
+        return torch.sparse_csr_tensor(crow, ws.gather(1, order).reshape(-1), coef.gather(1, order).reshape(-1),
+                                       size=(n, k), check_invariants=False)
