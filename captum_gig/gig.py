@@ -239,12 +239,13 @@ class GeneralizedIntegratedGradients(GradientAttribution):
     def _target_directions(self, targets: Tensor, width: int) -> Tensor:
         """Unit concept vectors of layer ``b`` or one-hot class vectors, ``(len(targets), D)``."""
         if self.layer_b is not None:
-            V = self.decomposer_b.basis.normalized_vectors
+            V = self.decomposer_b.basis.vectors
             if V.shape[1] != width:
                 raise ValueError(
                     f"layer_b {self.layer_b!r} has {width} channels but decomposer_b's basis has {V.shape[1]}"
                 )
-            return V.index_select(0, targets.to(V.device))
+            # only the targets' rows: normalising all K_b concepts costs more than a short attribution
+            return torch.nn.functional.normalize(V.index_select(0, targets.to(V.device)), dim=1)
         return torch.nn.functional.one_hot(targets, width).to(torch.get_default_dtype())
 
     def _check_targets(self, target: TargetSpec, n: int, width: int, device, per_example: bool) -> Tensor:
