@@ -224,6 +224,8 @@ class PFVDecomposer:
         if not torch.isfinite(flat).all():
             raise ValueError("X contains NaN or inf")
         V, beta, lipschitz = self._operands(flat)
+        if flat.element_size() < 4:  # half precision: squared norms in the duality gap overflow float16
+            flat, V, beta = flat.float(), V.float(), beta.float()
         U = torch.empty(flat.shape[0], self.n_concepts, dtype=flat.dtype, device=flat.device)
         starts = range(0, flat.shape[0], self.chunk_size)
         with torch.no_grad():
@@ -235,6 +237,7 @@ class PFVDecomposer:
                 else:
                     part = _fista(chunk, V, lipschitz, self.alpha, self.max_iter, self.tol, self.positive)
                 U[start : start + chunk.shape[0]] = part
+        U = U.to(Xl.dtype)
         return _layout.move_channels_back(U.reshape(*Xl.shape[:-1], self.n_concepts), X.dim())
 
     def inverse_transform(self, U: ArrayLike) -> ArrayLike:

@@ -165,6 +165,20 @@ def test_no_pfvs_and_float32_agrees_with_float64():
     assert (o64 <= o32 * (1 + 1e-7)).all()  # float64 is at least as good
 
 
+@pytest.mark.parametrize("dtype, rounding", [(torch.float16, 1e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("solver", ["working_set", "fista"])
+def test_half_precision_pfvs_match_their_float32_solution(dtype, rounding, solver):
+    # squared norms of PFVs overflow float16 (its max is 65504): half inputs are solved in float32
+    X, V = problem(n=20, c=16, k=128, relu_like=True, seed=3)
+    Xh, Vh = (30 * X).to(dtype), (30 * V).to(dtype)  # PFV norms of ~300, as in real conv layers
+    U = PFVDecomposer(ConceptBasis(Vh), alpha=3.0, solver=solver).transform(Xh)
+    assert U.dtype == dtype and torch.isfinite(U).all()
+    U32 = PFVDecomposer(ConceptBasis(Vh.float()), alpha=3.0, solver=solver).transform(Xh.float())
+    Xr, Vr = Xh.double(), Vh.double()  # the problem as the half-precision inputs state it
+    got, want = lasso_objective(Xr, U.double(), Vr, 3.0), lasso_objective(Xr, U32.double(), Vr, 3.0)
+    assert (got <= want * (1 + rounding)).all()  # only the rounding of the coefficients to half
+
+
 def test_auto_solver_picks_working_sets_for_large_bases(monkeypatch):
     import captum_gig.decompose as decompose
 
