@@ -72,10 +72,14 @@ def test_layer_that_runs_twice_is_refused_by_gig():
 
 def test_basis_channel_mismatch(setup):
     model, x, decs = setup
+    with pytest.warns(UserWarning, match="fitted on layer 'block1', not on 'block3'"):
+        gig = GeneralizedIntegratedGradients(model, "block3", decs["block1"])
     with pytest.raises(ValueError, match=r"layer_a 'block3' has activation shape \(2, 16, 4, 4\).*8 channels"):
-        GeneralizedIntegratedGradients(model, "block3", decs["block1"]).attribute(x, target=0)
+        gig.attribute(x, target=0)
+    with pytest.warns(UserWarning, match="fitted on layer 'block2', not on 'block3'"):
+        gig = GeneralizedIntegratedGradients(model, "block1", decs["block1"], "block3", decs["block2"])
     with pytest.raises(ValueError, match="layer_b 'block3' has 16 channels but decomposer_b's basis has 12"):
-        GeneralizedIntegratedGradients(model, "block1", decs["block1"], "block3", decs["block2"]).attribute(x, target=0)
+        gig.attribute(x, target=0)
 
 
 def test_target_concept_out_of_range(setup):

@@ -258,7 +258,8 @@ def test_bad_arguments(cnn_setup):
         GeneralizedIntegratedGradients(model, "blok1", decs["block1"])
     with pytest.raises(TypeError, match="decomposer_b"):
         GeneralizedIntegratedGradients(model, "block1", decs["block1"], "block2")
-    gig = GeneralizedIntegratedGradients(model, "block1", decs["block2"])  # wrong basis for the layer
+    with pytest.warns(UserWarning, match="fitted on layer 'block2', not on 'block1'"):
+        gig = GeneralizedIntegratedGradients(model, "block1", decs["block2"])  # wrong basis for the layer
     with pytest.raises(ValueError, match="channels"):
         gig.attribute(x, target=0)
     good = GeneralizedIntegratedGradients(model, "block1", decs["block1"])
