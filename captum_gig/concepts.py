@@ -78,9 +78,6 @@ def _check_pfvs(X, argument: str = "X") -> Tensor:
     return X
 
 
-# below this many elements (rows x channels) a cluster is split on one thread
-_ONE_THREAD_ELEMENTS = 1 << 20
-
 #: clusters of at most this many rows are split many at a time, in the row space (see
 #: ``BisectingSphericalKMeans._split_small``); larger ones one by one in the channel space
 SMALL_SPLIT_ROWS = 64
@@ -161,12 +158,7 @@ class BisectingSphericalKMeans:
         heap: List[Tuple[int, int]] = [(-n, 0)]
         history: List[Tuple[int, int]] = []
         with tqdm(total=k - 1, disable=not self.progress or not _dist.is_main_process(), desc="bisecting k-means", unit="split") as bar:
-            threads = torch.get_num_threads()
-            try:
-                self._loop(Y, rows, members, heap, history, k, local, threads, bar)
-            finally:
-                if torch.get_num_threads() != threads:
-                    torch.set_num_threads(threads)
+            self._loop(Y, rows, members, heap, history, k, local, bar)
         labels = torch.empty(Y.shape[0], dtype=torch.long, device=X.device)
         for j, idx in enumerate(members):
             labels[idx] = j
@@ -181,18 +173,12 @@ class BisectingSphericalKMeans:
         self.split_history_ = history
         return self
 
-    def _loop(self, Y, rows, members, heap, history, k, local, threads, bar) -> None:
-        # Clusters come off the heap largest first, so sizes only shrink: once they are small,
-        # a single-process CPU fit drops to one thread (2-means on a few hundred rows gains
-        # nothing from threads, and pays their wake-up cost on every one of its small ops).
-        one_thread = local and threads > 1 and Y.device.type == "cpu"
+    def _loop(self, Y, rows, members, heap, history, k, local, bar) -> None:
         ready: Dict[int, Tuple[Tensor, Tuple[int, int]]] = {}  # small clusters split ahead of their turn
         while len(members) < k:
             neg_size, j = heapq.heappop(heap)
             idx = members[j]
             history.append((j, -neg_size))
-            if one_thread and -neg_size * Y.shape[1] < _ONE_THREAD_ELEMENTS and torch.get_num_threads() != 1:
-                torch.set_num_threads(1)
             if -neg_size <= SMALL_SPLIT_ROWS:
                 if j not in ready:
                     # the clusters that may be split next: the largest ones, as many as splits remain

@@ -1,7 +1,6 @@
 """Sparse decomposition of PFVs on a concept basis (paper section 3.2.2, eq. 1-2)."""
 
 import warnings
-from contextlib import contextmanager
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -416,20 +415,6 @@ def _orthant_newton(G: Tensor, b: Tensor, u: Tensor, valid: Tensor, alpha: float
     return out
 
 
-@contextmanager
-def _one_thread(device: torch.device):
-    """CPU work on many small matrices is slowed down, not sped up, by intra-op threads."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _orthant_solution(G: Tensor, b: Tensor, sign: Tensor, alpha: float) -> Tensor:
     """Minimiser of ``1/2 u^T G u - (b - alpha sign)^T u`` over the slots where ``sign != 0``."""
     n, m = sign.shape
@@ -491,15 +476,14 @@ def _working_set(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: f
     for _ in range(max_iter):
         m = ws.shape[1]
         step_rows = max(1, memory // max(m * m, 1))
-        with _one_thread(Xc.device):  # many small batched ops: threads only add synchronisation
-            for s in range(0, ws.shape[0], step_rows):
-                sl = slice(s, s + step_rows)
-                w, ok = ws[sl], valid[sl]
-                G = gram[w.unsqueeze(2), w.unsqueeze(1)]
-                G = torch.where(ok.unsqueeze(2) & ok.unsqueeze(1), G, torch.zeros_like(G))
-                G.diagonal(dim1=1, dim2=2).add_((~ok).to(G.dtype))
-                b = torch.where(ok, b0[sl].gather(1, w).to(gram.dtype), torch.zeros_like(u[sl]))
-                u[sl] = _orthant_newton(G, b, u[sl], ok, alpha, positive, rank)
+        for s in range(0, ws.shape[0], step_rows):
+            sl = slice(s, s + step_rows)
+            w, ok = ws[sl], valid[sl]
+            G = gram[w.unsqueeze(2), w.unsqueeze(1)]
+            G = torch.where(ok.unsqueeze(2) & ok.unsqueeze(1), G, torch.zeros_like(G))
+            G.diagonal(dim1=1, dim2=2).add_((~ok).to(G.dtype))
+            b = torch.where(ok, b0[sl].gather(1, w).to(gram.dtype), torch.zeros_like(u[sl]))
+            u[sl] = _orthant_newton(G, b, u[sl], ok, alpha, positive, rank)
         # the full problem: residual, correlations with every concept, duality gap
         coef = (u * valid).to(x.dtype)
         R = x - _sparse_rows(ws, coef, k) @ V  # a few non-zeros per row: a sparse product, not (n x K) @ V
