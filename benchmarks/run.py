@@ -340,10 +340,9 @@ def main():
                    help="comma-separated parts; 'scale' (an ImageNet-scale layer, minutes on a CPU) is opt-in")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--tag", default="", help="suffix of the result files")
-    p.add_argument("--memory-size", default=None, metavar="N,C,K,CHUNK",
+    p.add_argument("--memory-size", dest="memory_size_arg", default=None, metavar="N,C,K,CHUNK",
                    help="size of the streamed-memory run (the paper's scale: 50000,2048,16384,4096)")
     a = p.parse_args()
-    a.memory_size_arg = a.memory_size
     warnings.filterwarnings("ignore")
     a.alpha_fraction = 0.3
     if a.quick:

@@ -178,7 +178,6 @@ def test_small_clusters_split_into_their_planted_halves():
     # (padded to a common width), every split must separate exactly its two groups
     g = torch.Generator().manual_seed(2)
     rows, halves = [], []
-    start = 0
     for a, b in [(3, 5), (10, 6), (20, 30), (1, 9), (33, 31), (7, 7)]:
         d = torch.nn.functional.normalize(torch.randn(2, 24, generator=g), dim=1)
         half = torch.arange(a + b) >= a
