@@ -12,6 +12,8 @@ from typing import Callable, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ._checks import all_finite
+
 LayerSpec = Union[str, nn.Module]
 
 __all__ = [
@@ -242,7 +244,7 @@ def check_inputs(model: nn.Module, inputs, argument: str = "inputs") -> None:
     params = [p for p in model.parameters() if p.is_floating_point()]
     if inputs.is_floating_point() and params and inputs.dtype != params[0].dtype:
         raise TypeError(f"{argument} are {inputs.dtype} but the model's parameters are {params[0].dtype}")
-    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+    if not all_finite(inputs):
         raise ValueError(f"{argument} contain NaN or inf")
 
 

@@ -9,6 +9,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import _layout
+from ._checks import all_finite
 from . import distributed as _dist
 from .concepts import ConceptBasis
 from .metrics import l0_ratio, relative_l2
@@ -220,7 +221,7 @@ class PFVDecomposer:
             return _dist.sharded_transform(self, X)
         Xl = self._channels_last(X, "X")
         flat = Xl.reshape(-1, self.n_channels)
-        if not torch.isfinite(flat).all():
+        if not all_finite(flat):
             raise ValueError("X contains NaN or inf")
         V, beta, lipschitz = self._operands(flat)
         if flat.element_size() < 4:  # half precision: squared norms in the duality gap overflow float16

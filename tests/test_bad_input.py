@@ -125,6 +125,19 @@ def test_nan_in_pfvs_and_bases():
         dec.transform(X)
 
 
+def test_finite_check_survives_an_overflowing_sum():
+    # the check sums first (cheap) and tests element by element only when the sum is not finite
+    from captum_gig._checks import all_finite
+
+    huge = torch.full((4, 3), 3e38)  # finite values whose sum overflows float32
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.ones(5, 2)
+        t[4, 1] = bad
+        assert not all_finite(t)
+    assert all_finite(torch.arange(3)) and all_finite(torch.empty(0))
+
+
 def test_more_concepts_than_pfvs():
     with pytest.raises(ValueError, match="n_concepts=11 exceeds the number of PFVs \\(10\\)"):
         ConceptBasis.fit(torch.randn(10, 4), 11, progress=False)
