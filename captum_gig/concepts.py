@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed as _dist
+from ._checks import all_finite
 from ._io import as_json_value, load_artifact, save_artifact
 
 __all__ = ["BisectingSphericalKMeans", "ConceptBasis", "batchnorm_offset", "resolve_offset", "register_extractor"]
@@ -73,18 +74,47 @@ def _check_pfvs(X, argument: str = "X") -> Tensor:
         raise ValueError(f"{argument} must be (N, C) PFVs; got shape {tuple(X.shape)}")
     if not X.is_floating_point():
         raise TypeError(f"{argument} must be a floating point tensor; got {X.dtype}")
-    if not torch.isfinite(X).all():
+    if not all_finite(X):
         raise ValueError(f"{argument} contains NaN or inf")
     return X
 
 
-#: clusters of at most this many rows are split many at a time, in the row space (see
-#: ``BisectingSphericalKMeans._split_small``); larger ones one by one in the channel space
-SMALL_SPLIT_ROWS = 64
+#: clusters of at most this many rows are split many at a time (the ones the fit will ask for next,
+#: together); larger ones one by one
+BATCH_SPLIT_ROWS = 2048
 
-# power iteration stops once the direction turns by less than this (1 - |cos|): it only seeds
-# the 2-means, which refines the split
-_POWER_TOL = 1e-3
+#: clusters of at most this many rows (at most half the channels, at least 64) are split in their row
+#: space, from Gram matrices kept for the clusters split off them (see ``_GramStore``)
+SMALL_SPLIT_ROWS = 256
+
+# batched splits work on parts of at most this many elements per (b, w, C) or (b, w, w) tensor: small
+# enough to stay in cache and to be allocated without page faults
+_BATCH_ELEMENTS = 1 << 22
+
+# the principal direction only seeds the 2-means, which refines the split: Lanczos stops once the top
+# Ritz pair's residual is below this fraction of its Ritz value, the power method once the direction
+# turns by less than this (1 - |cos|)
+_LANCZOS_TOL, _POWER_TOL = 1e-2, 1e-3
+
+# clusters of more than this many rows start their 2-means from the split of a sample of about
+# _SAMPLE_ROWS of them (see BisectingSphericalKMeans._split_local)
+_SAMPLE_ABOVE, _SAMPLE_ROWS = 8192, 4096
+
+
+def _gram_split_rows(n_channels: int) -> int:
+    # a Gram matrix of w rows costs w^2 per product against w C for the rows themselves
+    return min(SMALL_SPLIT_ROWS, max(64, n_channels // 2))
+
+
+def _padded_width(size: int, gram: bool) -> int:
+    """Width a cluster of ``size`` rows is padded to in a batch: a power of two for Gram matrices (many
+    tiny clusters, few batches); for rows, a multiple of an eighth of the next power of two (at most a
+    quarter more rows to stream)."""
+    width = max(8, 1 << (size - 1).bit_length())
+    if gram or width <= 64:
+        return width
+    quarter = width // 8
+    return -(-size // quarter) * quarter
 
 
 class BisectingSphericalKMeans:
@@ -95,22 +125,35 @@ class BisectingSphericalKMeans:
     similarity, centroids are normalised sums) until ``n_clusters`` exist.
 
     Each 2-means starts from the split along the cluster's principal direction
-    (found by power iteration), so the result does not depend on the order of
-    the rows, and every step is a sum over rows (which is what lets a
-    distributed fit reduce partial sums). Large clusters iterate in the channel
-    space from a start vector drawn from ``seed``. Clusters of at most
-    :data:`SMALL_SPLIT_ROWS` rows -- most of the splits when K is large --
-    iterate on their centred Gram matrix instead, from the row farthest from
-    their mean, and are split many at a time (a split depends only on the
-    cluster's own rows, so the clusters the heap will ask for next are split
-    together in one batch).
+    (found by the Lanczos method), so the result does not depend on the order
+    of the rows, and every step is a sum over rows (which is what lets a
+    distributed fit reduce partial sums). How the arithmetic is organised
+    depends on the cluster's size; a split depends only on the cluster's own
+    rows throughout:
+
+    * clusters of more than :data:`BATCH_SPLIT_ROWS` rows (the first few
+      levels of the tree) are split one by one, from a start vector drawn
+      from ``seed``; the 2-means of the largest starts from the split of a
+      sample of their rows (chosen by the rows' values), so that only a few
+      of its passes read all the rows;
+    * smaller ones are split many at a time (the clusters the fit will ask
+      for next, together), from the row farthest from the cluster's mean;
+      those of at most :data:`SMALL_SPLIT_ROWS` rows -- most of the splits
+      when K is large -- in their row space, from Gram matrices computed once
+      and cut into blocks for the clusters split off them.
 
     Args:
         n_clusters (int): number of clusters K.
         max_iter (int, optional): 2-means iterations per split. Default: 50
-        power_iter (int, optional): power iterations for the initial split.
-                    Default: 20
-        seed (int, optional): seed of the power-iteration start vectors. Default: 0
+        tol (float, optional): a 2-means stops once an iteration raises the
+                    summed cosine of the cluster's rows to their centroid by
+                    at most ``tol`` per row (or no row changes side).
+                    Default: 1e-5
+        power_iter (int, optional): at most this many Lanczos steps (products
+                    with the cluster's covariance) for the principal
+                    direction. Default: 20
+        seed (int, optional): seed of the start vectors of the large
+                    clusters. Default: 0
         progress (bool, optional): progress bar over splits. Default: False
 
     Attributes:
@@ -128,9 +171,19 @@ class BisectingSphericalKMeans:
         (torch.Size([N]), torch.Size([64, C]))
     """
 
-    def __init__(self, n_clusters: int, *, max_iter: int = 50, power_iter: int = 20, seed: int = 0, progress: bool = False):
+    def __init__(
+        self,
+        n_clusters: int,
+        *,
+        max_iter: int = 50,
+        tol: float = 1e-5,
+        power_iter: int = 20,
+        seed: int = 0,
+        progress: bool = False,
+    ):
         self.n_clusters = n_clusters
         self.max_iter = max_iter
+        self.tol = tol
         self.power_iter = power_iter
         self.seed = seed
         self.progress = progress
@@ -148,48 +201,57 @@ class BisectingSphericalKMeans:
             raise ValueError(f"n_clusters must be a positive int; got {k!r}")
         if k > n:
             raise ValueError(f"n_clusters={k} exceeds the number of PFVs ({n})")
+        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
+            raise ValueError(f"tol must be a non-negative number; got {self.tol!r}")
+        with torch.inference_mode():  # thousands of small ops: no autograd bookkeeping
+            labels, centers, history = self._fit(X, n, k)
+        # inference tensors cannot be changed outside inference mode: hand out ordinary ones
+        self.labels_ = labels.clone()
+        self.cluster_centers_ = centers.clone()
+        self.counts_ = torch.bincount(self.labels_, minlength=k)
+        self.split_history_ = history
+        return self
+
+    def _fit(self, X: Tensor, n: int, k: int) -> Tuple[Tensor, Tensor, List[Tuple[int, int]]]:
         Y = torch.nn.functional.normalize(X, dim=1)
         # distributed: this process works on rows rank, rank + W, ... (every sum goes through _reduce)
         rows = _dist.shard_indices(n).to(X.device) if _dist.is_distributed() else torch.arange(n, device=X.device)
         if _dist.is_distributed():
             Y = Y[rows]
-        local = not _dist.is_distributed()
         members: List[Tensor] = [torch.arange(Y.shape[0], device=X.device)]
-        heap: List[Tuple[int, int]] = [(-n, 0)]
         history: List[Tuple[int, int]] = []
         with tqdm(total=k - 1, disable=not self.progress or not _dist.is_main_process(), desc="bisecting k-means", unit="split") as bar:
-            self._loop(Y, rows, members, heap, history, k, local, bar)
+            self._loop(Y, rows, members, history, n, k, bar)
         labels = torch.empty(Y.shape[0], dtype=torch.long, device=X.device)
-        for j, idx in enumerate(members):
-            labels[idx] = j
+        sizes = torch.tensor([idx.shape[0] for idx in members], device=X.device)
+        labels[torch.cat(members)] = torch.repeat_interleave(torch.arange(k, device=X.device), sizes)
         if _dist.is_distributed():  # every process gets all labels, in row order
             full = torch.empty(n, dtype=torch.long, device=X.device)
             full[torch.cat(_dist.all_gather(rows))] = torch.cat(_dist.all_gather(labels))
             labels, Y = full, torch.nn.functional.normalize(X, dim=1)
         centers = torch.zeros(k, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, labels, Y)
-        self.labels_ = labels
-        self.cluster_centers_ = torch.nn.functional.normalize(centers, dim=1)
-        self.counts_ = torch.bincount(labels, minlength=k)
-        self.split_history_ = history
-        return self
+        return labels, torch.nn.functional.normalize(centers, dim=1), history
 
-    def _loop(self, Y, rows, members, heap, history, k, local, bar) -> None:
-        ready: Dict[int, Tuple[Tensor, Tuple[int, int]]] = {}  # small clusters split ahead of their turn
+    def _loop(self, Y: Tensor, rows: Tensor, members: List[Tensor], history: List[Tuple[int, int]], n: int, k: int, bar) -> None:
+        local = not _dist.is_distributed()
+        heap: List[Tuple[int, int]] = [(-n, 0)]
+        ready: Dict[int, Tuple[Tensor, Tensor, Tuple[int, int]]] = {}  # clusters split ahead of their turn
+        batched = max(BATCH_SPLIT_ROWS, _gram_split_rows(Y.shape[1]))
+        grams = _GramStore(n, Y.device)
         while len(members) < k:
             neg_size, j = heapq.heappop(heap)
             idx = members[j]
             history.append((j, -neg_size))
-            if -neg_size <= SMALL_SPLIT_ROWS:
+            if -neg_size <= batched:
                 if j not in ready:
                     # the clusters that may be split next: the largest ones, as many as splits remain
                     # (a split's children can overtake some of them; those splits are wasted, not wrong)
                     later = heapq.nsmallest(k - len(members) - 1, heap)
                     batch = [j] + [c for s, c in later if s <= -2 and c not in ready]
-                    ready.update(zip(batch, _dist.split_small_clusters(self, Y, rows, [members[c] for c in batch])))
-                right, sizes = ready.pop(j)
-                members[j], new = idx[~right], idx[right]
+                    ready.update(zip(batch, _dist.split_batch(self, Y, rows, [members[c] for c in batch], grams)))
+                members[j], new, sizes = ready.pop(j)
             elif local:  # single process: no wrappers, sizes are the local row counts
-                right = self._split_local(Y[idx], len(history) - 1)
+                right = self._split_local(Y if idx.shape[0] == Y.shape[0] else Y.index_select(0, idx), len(history) - 1)
                 members[j], new = idx[~right], idx[right]
                 sizes = (members[j].shape[0], new.shape[0])
             else:
@@ -205,74 +267,89 @@ class BisectingSphericalKMeans:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + split_number)
         return torch.randn(c, generator=g, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
-    def _split(self, Y: Tensor, split_number: int, row_ids: Optional[Tensor] = None) -> Tensor:
+    def _split(self, Y: Tensor, split_number: int, row_ids: Optional[Tensor] = None, sample: bool = True) -> Tensor:
         """Boolean mask of the rows of ``Y`` (unit rows) that form the new cluster."""
         if not _dist.is_distributed():
-            return self._split_local(Y, split_number)
+            return self._split_local(Y, split_number, sample)
         red = self._reduce
-        n = red(torch.tensor(float(Y.shape[0]), dtype=Y.dtype, device=Y.device))
+        m = red(torch.tensor(float(Y.shape[0]), dtype=torch.float64, device=Y.device)).item()
         total = red(Y.sum(0))
-        mean = total / n
-        # principal direction of the centred rows
-        v = self._start_vector(Y.shape[1], split_number, Y)
-        v = v / v.norm()
-        for _ in range(self.power_iter):
-            w = red(Y.t() @ (Y @ v)) - n * mean * (mean @ v)
-            norm = w.norm()
-            if norm == 0:
-                break
-            w = w / norm
-            done = (w @ v).abs() > 1 - _POWER_TOL
-            v = w
-            if done:
-                break
-        right = (Y @ v - mean @ v) > 0
-        if not _both_sides(right, red):
-            right = _alternate(Y.shape[0], row_ids, Y.device)
+        mean = total / m
+        Yt = Y.t()
+        right = None
+        if sample and m > _SAMPLE_ABOVE:  # a large cluster: start from the split of a sample of it (see _split_local)
+            chosen = _sample(Y, _SAMPLE_ROWS / m, self._start_vector(Y.shape[1], split_number, Y))
+            if red(chosen.sum().to(torch.float64)) >= 2:
+                part = Y[chosen]
+                moving = self._split(part, split_number, row_ids[chosen] if row_ids is not None else None, sample=False)
+                s1 = red(part[moving].sum(0))
+                d = _unit(s1) - _unit(red(part.sum(0)) - s1)
+                right = Y @ d > 0
+                if not _both_sides(right, red):
+                    right = None
+        if right is None:
+            # principal direction of the centred rows: Y' (Y x - mean.x) = Yc' Yc x, as the rows' centred sum is 0
+            v = _lanczos_directions(lambda x: red(Yt @ (Y @ x[0] - mean @ x[0])).unsqueeze(0),
+                                    self._start_vector(Y.shape[1], split_number, Y).unsqueeze(0), self.power_iter)[0]
+            right = (Y @ v - mean @ v) > 0
+            if not _both_sides(right, red):
+                right = _alternate(Y.shape[0], row_ids, Y.device)
         # spherical 2-means
-        s1 = red(Y.t() @ right.to(Y.dtype))
+        s1 = red(Yt @ right.to(Y.dtype))
+        objective = None
         for _ in range(self.max_iter):
-            centroids = torch.nn.functional.normalize(torch.stack([total - s1, s1]), dim=1)
+            sums = torch.stack([total - s1, s1])
+            norms = sums.norm(dim=1, keepdim=True)
+            if objective is not None and float(norms.sum()) - objective <= self.tol * m:
+                break  # the summed cosine to the centroids barely grows
+            objective = float(norms.sum())
+            centroids = sums / norms.clamp_min(1e-12)
             new_right = Y @ (centroids[1] - centroids[0]) > 0
             joined, left = new_right & ~right, right & ~new_right
             changed = red((joined | left).sum().to(Y.dtype))
             if not _both_sides(new_right, red) or changed == 0:
                 break
-            s1 = s1 + red(Y[joined].sum(0) - Y[left].sum(0))
+            s1 = s1 + red(Y[joined].sum(0) - Y[left].sum(0))  # only the rows that moved
             right = new_right
         return right
 
-
-    def _split_local(self, Y: Tensor, split_number: int) -> Tensor:
+    def _split_local(self, Y: Tensor, split_number: int, sample: bool = True) -> Tensor:
         """:meth:`_split` in a single process: the same arithmetic in the same order, so the
         same mask, without the reduction wrappers and with one host sync per test."""
         m = Y.shape[0]
-        n = torch.tensor(float(m), dtype=Y.dtype, device=Y.device)
         total = Y.sum(0)
-        mean = total / n
+        mean = total / m
         Yt = Y.t()
-        # the threshold as the comparison in Y's dtype sees it
-        near_one = torch.tensor(1 - _POWER_TOL, dtype=Y.dtype).item()
-        n_mean = n * mean  # (n * mean) * (mean @ v), evaluated left to right as in _split
-        v = self._start_vector(Y.shape[1], split_number, Y)
-        v = v / v.norm()
-        for _ in range(self.power_iter):
-            w = Yt @ (Y @ v) - n_mean * (mean @ v)
-            norm = w.norm()
-            if norm.item() == 0:
-                break
-            w = w / norm
-            done = abs((w @ v).item()) > near_one
-            v = w
-            if done:
-                break
-        right = (Y @ v - mean @ v) > 0
-        k = int(right.sum())
-        if k == 0 or k == m:
-            right = torch.arange(m, device=Y.device) % 2 == 1
+        right = None
+        if sample and m > _SAMPLE_ABOVE:
+            # a large cluster: start the 2-means from the split of a sample of it, which lies near the end of
+            # the 2-means over all rows, so only a few passes over them remain (each one leaves the cache)
+            chosen = _sample(Y, _SAMPLE_ROWS / m, self._start_vector(Y.shape[1], split_number, Y))
+            if int(chosen.sum()) >= 2:
+                part = Y[chosen]
+                moving = self._split_local(part, split_number, sample=False)
+                s1 = part[moving].sum(0)
+                d = _unit(s1) - _unit(part.sum(0) - s1)
+                right = Y @ d > 0
+                k = int(right.sum())
+                if k == 0 or k == m:
+                    right = None
+        if right is None:
+            v = _lanczos_directions(lambda x: (Yt @ (Y @ x[0] - mean @ x[0])).unsqueeze(0),
+                                    self._start_vector(Y.shape[1], split_number, Y).unsqueeze(0), self.power_iter)[0]
+            right = (Y @ v - mean @ v) > 0
+            k = int(right.sum())
+            if k == 0 or k == m:
+                right = torch.arange(m, device=Y.device) % 2 == 1
         s1 = Yt @ right.to(Y.dtype)
+        objective = None
         for _ in range(self.max_iter):
-            centroids = torch.nn.functional.normalize(torch.stack([total - s1, s1]), dim=1)
+            sums = torch.stack([total - s1, s1])
+            norms = sums.norm(dim=1, keepdim=True)
+            if objective is not None and float(norms.sum()) - objective <= self.tol * m:
+                break  # the summed cosine to the centroids barely grows
+            objective = float(norms.sum())
+            centroids = sums / norms.clamp_min(1e-12)
             new_right = Y @ (centroids[1] - centroids[0]) > 0
             k = int(new_right.sum())
             if k == 0 or k == m:
@@ -284,74 +361,284 @@ class BisectingSphericalKMeans:
             right = new_right
         return right
 
-    def _split_small(self, Y: Tensor, clusters: List[Tensor]) -> List[Tensor]:
-        """Split many small clusters at once: for each index tensor into ``Y``, the mask of the rows that move.
+    def _split_batch(
+        self, Y: Tensor, clusters: List[Tensor], grams: Optional["_GramStore"] = None, keys: Optional[List[Tensor]] = None
+    ) -> List[Tuple[Tensor, Tensor]]:
+        """Split many clusters at once: for each index tensor into ``Y``, its rows that stay and those that move.
 
-        The split rule of :meth:`_split_local`, batched over the clusters that
-        pad to the same power of two (zero rows). The principal direction of a
-        few centred rows lies in their span, so the power iteration runs on the
-        small centred Gram matrix, starting from the column of the row farthest
-        from the mean (not a random vector); a cluster is frozen once it
-        converges, so its result depends only on its own rows.
+        The split rule of :meth:`_split_local`, batched over the clusters
+        padded to one width (zero rows pad), in parts of at most
+        ``_BATCH_ELEMENTS`` elements. Every step is per cluster -- the start
+        (the row farthest from the cluster's mean), the Lanczos steps, the
+        2-means -- so a cluster's result depends only on its own rows, not
+        on the batch it is in. Clusters of at most ``_gram_split_rows(C)``
+        rows are split in their row space (:meth:`_split_gram`), larger ones
+        in the channel space (:meth:`_split_rows`).
+
+        Args:
+            grams: Gram matrices kept from earlier calls (a cluster split off
+                an earlier one reuses its block); a fresh store if None.
+            keys: for each cluster, the keys of its rows in ``grams`` (their
+                row numbers in the whole data); ``clusters`` if None.
+
+        Returns:
+            list of (Tensor, Tensor): per cluster, the entries of its index
+            tensor that stay and those that form the new cluster, in order.
         """
-        out: List[Optional[Tensor]] = [None] * len(clusters)
-        widths: Dict[int, List[int]] = {}
+        grams = grams if grams is not None else _GramStore(Y.shape[0], Y.device)
+        keys = clusters if keys is None else keys
+        c = Y.shape[1]
+        gram_rows = _gram_split_rows(c)
+        out: List[Tuple[Tensor, Tensor]] = [None] * len(clusters)  # type: ignore[list-item]
+        groups: Dict[Tuple[bool, int], List[int]] = {}
         for i, idx in enumerate(clusters):
-            widths.setdefault(max(8, 1 << (idx.shape[0] - 1).bit_length()), []).append(i)
-        near_one = torch.tensor(1 - _POWER_TOL, dtype=Y.dtype).item()
-        for width, ids in widths.items():
-            lengths = torch.tensor([clusters[i].shape[0] for i in ids], device=Y.device)
-            b = len(ids)
-            owner = torch.repeat_interleave(torch.arange(b, device=Y.device), lengths)
-            slot = torch.arange(owner.shape[0], device=Y.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-            index = torch.zeros((b, width), dtype=torch.long, device=Y.device)
-            real = torch.zeros((b, width), dtype=torch.bool, device=Y.device)
-            index[owner, slot] = torch.cat([clusters[i].to(Y.device) for i in ids])
-            real[owner, slot] = True
-            Z = Y.index_select(0, index.view(-1)).view(b, width, -1).masked_fill_(~real.unsqueeze(2), 0)  # zero rows pad
-            n = lengths.to(Y.dtype).view(b, 1, 1)
-            total = Z.sum(1)
-            mean = total.unsqueeze(2) / n  # (b, C, 1)
-            cosine = torch.where(real, (Z @ mean).squeeze(2), torch.full_like(real, float("inf"), dtype=Y.dtype))
-            far = cosine.argmin(1)  # the row farthest from the mean
-            # power iteration on the centred (width x width) Gram matrix, from its column `far`
-            G = Z @ Z.transpose(1, 2)
-            r = G.sum(2, keepdim=True)
-            pairs = real.unsqueeze(2) & real.unsqueeze(1)
-            G = (G - r / n - r.transpose(1, 2) / n + r.sum(1, keepdim=True) / (n * n)) * pairs
-            v = G.gather(2, far.view(b, 1, 1).expand(b, width, 1))
-            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            active = torch.ones(b, dtype=torch.bool, device=Y.device)
-            for _ in range(self.power_iter):
-                w = G @ v
-                norm = w.norm(dim=1, keepdim=True)
-                moving = active.view(b, 1, 1) & (norm > 0)
-                w = w / norm.clamp_min(1e-30)
-                converged = ((w * v).sum(1).abs() > near_one).view(b)
-                v = torch.where(moving, w, v)
-                active = active & moving.view(b) & ~converged
-                if not bool(active.any()):
-                    break
-            right = ((G @ v).squeeze(2) > 0) & real  # G v: the centred rows' projections on the direction
-            k = right.sum(1)
-            alternate = (torch.arange(width, device=Y.device) % 2 == 1) & real
-            right = torch.where(((k == 0) | (k == lengths)).unsqueeze(1), alternate, right)
-            s1 = (right.to(Y.dtype).unsqueeze(1) @ Z).squeeze(1)
-            active = torch.ones(b, dtype=torch.bool, device=Y.device)
-            for _ in range(self.max_iter):
-                centroids = torch.nn.functional.normalize(torch.stack([total - s1, s1]), dim=2)
-                new_right = ((Z @ (centroids[1] - centroids[0]).unsqueeze(2)).squeeze(2) > 0) & real
-                k = new_right.sum(1)
-                moved = active & (k > 0) & (k < lengths) & (new_right != right).any(1)
-                if not bool(moved.any()):
-                    break
-                delta = (new_right.to(Y.dtype) - right.to(Y.dtype)) * moved.unsqueeze(1)
-                s1 = s1 + (delta.unsqueeze(1) @ Z).squeeze(1)
-                right = torch.where(moved.unsqueeze(1), new_right, right)
-                active = moved
-            for row, i in enumerate(ids):
-                out[i] = right[row, : clusters[i].shape[0]]
-        return out  # type: ignore[return-value]
+            gram = idx.shape[0] <= gram_rows
+            groups.setdefault((gram, _padded_width(idx.shape[0], gram)), []).append(i)
+        for (gram, width), group in groups.items():
+            per = max(1, _BATCH_ELEMENTS // (width * max(width, c)))
+            for start in range(0, len(group), per):
+                ids = group[start : start + per]
+                lengths = torch.tensor([clusters[i].shape[0] for i in ids], device=Y.device)
+                real = torch.arange(width, device=Y.device) < lengths.unsqueeze(1)
+                index = torch.zeros((len(ids), width), dtype=torch.long, device=Y.device)
+                index[real] = torch.cat([clusters[i].to(Y.device) for i in ids])
+                if gram:
+                    key = torch.zeros_like(index)
+                    key[real] = torch.cat([keys[i].to(Y.device) for i in ids])
+                    right = self._split_gram(grams.batch(Y, index, key, real), real, lengths)
+                else:
+                    Z = Y.index_select(0, index.view(-1)).view(len(ids), width, c)
+                    right = self._split_rows(Z.mul_(real.unsqueeze(2).to(Z.dtype)), real, lengths)
+                # every cluster's staying rows, then its moving rows, then padding: one sort, one split
+                side = torch.where(real, right.to(torch.uint8), torch.full_like(right, 2, dtype=torch.uint8))
+                parted = index.gather(1, side.argsort(dim=1, stable=True))[real]
+                moving = right.sum(1)
+                pieces = parted.split(torch.stack([lengths - moving, moving], 1).view(-1).tolist())
+                for row, i in enumerate(ids):
+                    out[i] = (pieces[2 * row], pieces[2 * row + 1])
+        return out
+
+    def _split_rows(self, Z: Tensor, real: Tensor, lengths: Tensor) -> Tensor:
+        """The split of each cluster of a batch from its unit rows ``Z (b, w, C)`` (zero rows pad)."""
+        b, width = real.shape
+        n = lengths.to(Z.dtype).view(b, 1)
+
+        def rows_times(x: Tensor) -> Tensor:  # (b, C) -> (b, w): Z x; a column bmm is 10x faster as a view
+            return (Z @ x.unsqueeze(1).transpose(1, 2)).squeeze(2)
+
+        def times_rows(p: Tensor) -> Tensor:  # (b, w) -> (b, C): Z' p
+            return (p.unsqueeze(1) @ Z).squeeze(1)
+
+        total = Z.sum(1)
+        mean = total / n
+        centred_dot = lambda x: (rows_times(x) - (mean * x).sum(1, keepdim=True)) * real  # noqa: E731
+        # Lanczos from the row farthest from the mean; Z' (Z x - mean.x) = Zc' Zc x, as the centred rows sum to 0
+        cosine = rows_times(mean)
+        far = torch.where(real, cosine, torch.full_like(cosine, float("inf"))).argmin(1)
+        start = Z[torch.arange(b, device=Z.device), far] - mean
+        v = _lanczos_directions(lambda x: times_rows(centred_dot(x)), start, self.power_iter)
+        right = (centred_dot(v) > 0) & real
+        k = right.sum(1)
+        alternate = (torch.arange(width, device=Z.device) % 2 == 1) & real
+        right = torch.where(((k == 0) | (k == lengths)).unsqueeze(1), alternate, right)
+        # spherical 2-means, as in _split_local
+        s1 = times_rows(right.to(Z.dtype))
+        active = torch.ones(b, dtype=torch.bool, device=Z.device)
+        objective = torch.full((b,), -float("inf"), dtype=Z.dtype, device=Z.device)
+        for _ in range(self.max_iter):
+            s0 = total - s1
+            norm1, norm0 = s1.norm(dim=1, keepdim=True), s0.norm(dim=1, keepdim=True)
+            now = (norm0 + norm1).squeeze(1)
+            active = active & (now - objective > self.tol * lengths)
+            objective = now
+            new_right = (rows_times(s1 / norm1.clamp_min(1e-12) - s0 / norm0.clamp_min(1e-12)) > 0) & real
+            k = new_right.sum(1)
+            moved = active & (k > 0) & (k < lengths) & (new_right != right).any(1)
+            if not bool(moved.any()):
+                break
+            s1 = s1 + times_rows((new_right.to(Z.dtype) - right.to(Z.dtype)) * moved.unsqueeze(1))
+            right = torch.where(moved.unsqueeze(1), new_right, right)
+            active = moved
+        return right
+
+    def _split_gram(self, G: Tensor, real: Tensor, lengths: Tensor) -> Tensor:
+        """The split of each cluster of a batch from its Gram matrix ``G (b, w, w)`` (zero on padding)."""
+        b, width = real.shape
+        realf = real.to(G.dtype)
+        n = lengths.to(G.dtype).view(b, 1)
+
+        def mv(M: Tensor, x: Tensor) -> Tensor:  # batched M @ x for a symmetric M: a row-vector bmm
+            return (x.unsqueeze(1) @ M).squeeze(1)
+
+        def centred(x: Tensor) -> Tensor:  # H x, H the centring projection on the cluster's rows
+            return (x - (x * realf).sum(1, keepdim=True) / n) * realf
+
+        def gram_centred(x: Tensor) -> Tensor:  # H G H x: the centred rows' Gram matrix, never formed
+            return centred(mv(G, centred(x)))
+
+        r = G.sum(2)  # y_i . (sum of the cluster's rows)
+        # the centred Gram matrix's principal eigenvector holds the rows' projections on the cluster's
+        # principal direction; start from its column of the row farthest from the mean (as _split_rows)
+        far = torch.where(real, r, torch.full_like(r, float("inf"))).argmin(1)
+        start = gram_centred(torch.nn.functional.one_hot(far, width).to(G.dtype))
+        v = _power_directions(gram_centred, start, self.power_iter)
+        right = (gram_centred(v) > 0) & real
+        k = right.sum(1)
+        alternate = (torch.arange(width, device=G.device) % 2 == 1) & real
+        right = torch.where(((k == 0) | (k == lengths)).unsqueeze(1), alternate, right)
+        # spherical 2-means: y_i . s = (G 1_S)_i and |s|^2 = 1_S' G 1_S for the sum s of the rows in S
+        active = torch.ones(b, dtype=torch.bool, device=G.device)
+        objective = torch.full((b,), -float("inf"), dtype=G.dtype, device=G.device)
+        for _ in range(self.max_iter):
+            on = right.to(G.dtype)
+            g1 = mv(G, on)
+            g0 = r - g1
+            norm1 = (g1 * on).sum(1, keepdim=True).clamp_min(0).sqrt()
+            norm0 = (g0 * (realf - on)).sum(1, keepdim=True).clamp_min(0).sqrt()
+            now = (norm0 + norm1).squeeze(1)
+            active = active & (now - objective > self.tol * lengths)  # as in _split_local
+            objective = now
+            new_right = (g1 / norm1.clamp_min(1e-12) - g0 / norm0.clamp_min(1e-12) > 0) & real
+            k = new_right.sum(1)
+            moved = active & (k > 0) & (k < lengths) & (new_right != right).any(1)
+            if not bool(moved.any()):
+                break
+            right = torch.where(moved.unsqueeze(1), new_right, right)
+            active = moved
+        return right
+
+
+class _GramStore:
+    """Gram matrices of the unit rows of small clusters, kept for the clusters split off them.
+
+    The first time a cluster is split on the Gram path its Gram matrix is
+    computed from its rows. Every cluster split off it later has its rows
+    among its parent's, so its Gram matrix is a block of the one its parent
+    was split with: the C channels are read once per row, not once per
+    split. Each batch's Gram matrices become the home of its clusters' rows
+    (so a block is cut from the parent's, not from a far larger ancestor's),
+    and a batch no row lives in any more is dropped. Rows are known by a key,
+    their row number in the whole data, so a distributed fit, which gathers
+    the rows anew for every batch, finds them too.
+    """
+
+    def __init__(self, n_rows: int, device):
+        self.packs: Dict[int, Tensor] = {}  # (b, w, w) Gram matrices of a batch, zero on padding
+        self.rows: Dict[int, int] = {}  # how many rows live in each
+        self.pack = torch.full((n_rows,), -1, dtype=torch.long, device=device)  # per key: the pack it lives in,
+        self.slot = torch.zeros(n_rows, dtype=torch.long, device=device)  # its cluster's place in the pack,
+        self.pos = torch.zeros(n_rows, dtype=torch.long, device=device)  # its row in that Gram matrix
+        self._next = 0
+
+    def batch(self, Y: Tensor, index: Tensor, key: Tensor, real: Tensor) -> Tensor:
+        """``(b, w, w)`` Gram matrices of clusters: their rows ``index (b, w)`` into ``Y``, keys ``key (b, w)``
+        and mask ``real (b, w)`` (padding: any index and key, False)."""
+        b, width = index.shape
+        groups: Dict[int, List[int]] = {}
+        for i, p in enumerate(self.pack[key[:, 0]].tolist()):
+            groups.setdefault(p, []).append(i)
+        G = torch.zeros((b, width, width), dtype=Y.dtype, device=Y.device)
+        for p, members in groups.items():
+            sel = torch.tensor(members, device=Y.device)
+            on = real[sel]
+            if p < 0:  # new: from the rows, each cluster at its own size (padding would cost up to 4x)
+                lengths = on.sum(1).tolist()
+                rows = Y.index_select(0, index[sel][on]).split(lengths)
+                for i, Z in zip(members, rows):
+                    G[i, : Z.shape[0], : Z.shape[0]] = Z @ Z.t()
+            else:  # a block of the Gram matrix the cluster's rows live in
+                at = self.pos[key[sel]] * on
+                block = self.packs[p][self.slot[key[sel][:, 0]].unsqueeze(1), at]  # (b', w, w of the pack)
+                G[sel] = block.gather(2, at.unsqueeze(1).expand(-1, width, -1)).mul_((on.unsqueeze(2) & on.unsqueeze(1)).to(Y.dtype))
+        keys = key[real]
+        for p, moved in zip(groups, torch.stack([real[m].sum() for m in map(torch.tensor, groups.values())]).tolist()):
+            if p >= 0:
+                self.rows[p] -= moved
+                if self.rows[p] == 0:  # no row lives in that batch's Gram matrices any more
+                    del self.packs[p], self.rows[p]
+        self.pack[keys] = self._next
+        self.slot[keys] = torch.arange(b, device=Y.device).unsqueeze(1).expand_as(real)[real]
+        self.pos[keys] = torch.arange(width, device=Y.device).expand_as(real)[real]
+        self.packs[self._next], self.rows[self._next] = G, keys.shape[0]
+        self._next += 1
+        return G
+
+
+def _lanczos_directions(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int) -> Tensor:
+    """Unit principal eigenvectors ``(b, d)`` of ``b`` symmetric positive semi-definite operators, by Lanczos.
+
+    For clusters whose products stream many rows: Lanczos needs fewer
+    products than the power method for the same accuracy. ``apply`` maps
+    ``(b, d)`` vectors to their images. Full reorthogonalisation; each
+    operator stops once its top Ritz pair's residual is below
+    ``_LANCZOS_TOL`` of its Ritz value, or after ``steps`` products. Every
+    decision depends only on ``apply``'s values, so an operator's result does
+    not depend on the others in the batch, and processes that all-reduce
+    inside ``apply`` take the same steps.
+    """
+    b, d = start.shape
+    steps = max(1, steps)
+    Q = start.new_zeros(b, steps, d)
+    Q[:, 0] = start / start.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    T = torch.zeros(b, steps, steps, dtype=torch.float64)  # small eigenproblems: on the host, in float64
+    ritz = torch.zeros(b, steps, dtype=torch.float64)
+    active = torch.ones(b, dtype=torch.bool)
+    for j in range(steps):
+        w = apply(Q[:, j])
+        T[:, j, j] = (w * Q[:, j]).sum(1).cpu().double()
+        basis = Q[:, : j + 1]
+        w = w - ((w.unsqueeze(1) @ basis.transpose(1, 2)) @ basis).squeeze(1)
+        beta = w.norm(dim=1)
+        beta_host = beta.cpu().double()
+        theta, S = torch.linalg.eigh(T[:, : j + 1, : j + 1])
+        top = S[:, :, -1]
+        done = active & ((beta_host * top[:, -1].abs() <= _LANCZOS_TOL * theta[:, -1]) | (theta[:, -1] <= 0))
+        if j == steps - 1:
+            done = active
+        ritz[done, : j + 1] = top[done]
+        active = active & ~done
+        if not bool(active.any()):
+            break
+        T[:, j, j + 1] = T[:, j + 1, j] = beta_host * active
+        Q[:, j + 1] = w * (active.to(w.device) / beta.clamp_min(1e-30)).unsqueeze(1)
+    v = (ritz.to(device=Q.device, dtype=Q.dtype).unsqueeze(1) @ Q).squeeze(1)
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _power_directions(apply: Callable[[Tensor], Tensor], start: Tensor, steps: int) -> Tensor:
+    """Unit principal eigenvectors ``(b, d)`` of ``b`` symmetric positive semi-definite operators, by the power method.
+
+    For many small clusters at once, where a product is cheap and a Lanczos
+    step's small eigenproblems are not. ``apply`` maps ``(b, d)`` vectors to
+    their images; an operator stops once its vector turns by less than
+    ``_POWER_TOL`` (1 - |cos|), so its result does not depend on the others.
+    """
+    b = start.shape[0]
+    near_one = torch.tensor(1 - _POWER_TOL, dtype=start.dtype).item()
+    v = start / start.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    active = torch.ones(b, dtype=torch.bool, device=start.device)
+    for _ in range(steps):
+        w = apply(v)
+        norm = w.norm(dim=1, keepdim=True)
+        moving = active.view(b, 1) & (norm > 0)
+        w = w / norm.clamp_min(1e-30)
+        converged = (w * v).sum(1).abs() > near_one
+        v = torch.where(moving, w, v)
+        active = active & moving.view(b) & ~converged
+        if not bool(active.any()):
+            break
+    return v
+
+
+def _sample(Y: Tensor, fraction: float, direction: Tensor) -> Tensor:
+    """Mask of about ``fraction`` of the rows, chosen by their values, not their order or number: the
+    fractional part of a fine multiple of each row's projection on a random direction is close to
+    uniform, and a row is chosen when it is below ``fraction`` (equal rows go together)."""
+    return torch.remainder(Y @ direction * 4096, 1.0) < fraction
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm().clamp_min(1e-12)
 
 
 def _alternate(n_local: int, row_ids: Optional[Tensor], device) -> Tensor:
@@ -426,7 +713,7 @@ class ConceptBasis:
             )
         if not vectors.is_floating_point():
             raise TypeError(f"vectors must be floating point; got {vectors.dtype}")
-        if not torch.isfinite(vectors).all():
+        if not all_finite(vectors):
             raise ValueError("concept vectors contain NaN or inf")
         if offset is None:
             offset = torch.zeros(vectors.shape[1], dtype=vectors.dtype, device=vectors.device)

@@ -43,7 +43,7 @@ __all__ = [
     "barrier",
     "sharded_transform",
     "split_cluster",
-    "split_small_clusters",
+    "split_batch",
     "local_only",
 ]
 
@@ -265,21 +265,22 @@ def split_cluster(km, Y: Tensor, row_ids: Tensor, size: int, split_number: int) 
     return right[position.to(right.device)]
 
 
-def split_small_clusters(km, Y: Tensor, row_ids: Tensor, clusters: List[Tensor]):
-    """Many small bisecting k-means splits at once; per cluster, this process's mask and the two sizes.
+def split_batch(km, Y: Tensor, row_ids: Tensor, clusters: List[Tensor], grams=None):
+    """Many bisecting k-means splits at once; per cluster, this process's rows that stay and move, and the sizes.
 
     ``clusters`` index this process's rows ``Y`` (global row numbers
     ``row_ids``). The rows of all of them are all-gathered, put in global row
-    order within each cluster, and every process runs
-    ``km._split_small`` on the same data, as a single process would.
+    order within each cluster, and every process runs ``km._split_batch`` on
+    the same data (and the same Gram matrices ``grams``, kept by global row
+    number), as a single process would.
 
     Returns:
-        list of (Tensor, (int, int)): for each cluster, the mask of this
-        process's rows that move, and the sizes (staying, moving) over all processes.
+        list of (Tensor, Tensor, (int, int)): for each cluster, the entries of
+        its index tensor that stay and those that move, and the two sizes over
+        all processes.
     """
     if not is_distributed():
-        masks = km._split_small(Y, clusters)
-        return [(m, (m.shape[0] - int(m.sum()), int(m.sum()))) for m in masks]
+        return [(stay, move, (stay.shape[0], move.shape[0])) for stay, move in km._split_batch(Y, clusters, grams)]
     device = Y.device
     owner = torch.cat([torch.full((idx.shape[0],), c, dtype=torch.long) for c, idx in enumerate(clusters)]).to(device)
     mine = torch.cat(list(clusters)).to(device)
@@ -291,11 +292,10 @@ def split_small_clusters(km, Y: Tensor, row_ids: Tensor, clusters: List[Tensor])
     counts = torch.bincount(owners, minlength=len(clusters)).tolist()
     starts = [sum(counts[:c]) for c in range(len(clusters))]
     with local_only():
-        masks = km._split_small(rows, [torch.arange(s, s + n, device=device) for s, n in zip(starts, counts)])
+        local = [torch.arange(s, s + n, device=device) for s, n in zip(starts, counts)]
+        parts = km._split_batch(rows, local, grams, keys=[ids[s : s + n] for s, n in zip(starts, counts)])
     out = []
     for c, idx in enumerate(clusters):
-        everyone = ids[starts[c] : starts[c] + counts[c]]
-        position = torch.searchsorted(everyone, row_ids[idx].to(everyone.device))
-        moving = int(masks[c].sum())
-        out.append((masks[c][position.to(device)], (counts[c] - moving, moving)))
+        moving = torch.isin(row_ids[idx].to(ids.device), ids[parts[c][1]]).to(idx.device)
+        out.append((idx[~moving], idx[moving], (counts[c] - parts[c][1].shape[0], parts[c][1].shape[0])))
     return out

@@ -148,44 +148,152 @@ def test_cohesion_close_to_sklearn_bisecting():
     assert ours_cos >= sk_cos - 0.01
 
 
-def test_small_clusters_split_alike_in_a_batch_or_alone():
+def _moving_mask(idx, parts):
+    """The mask over ``idx`` of the rows that ``_split_batch`` moved, checking the parts cover it once."""
+    stay, move = parts
+    assert torch.equal(torch.sort(torch.cat([stay, move])).values, torch.sort(idx).values)
+    return torch.isin(idx, move)
+
+
+# cluster sizes that reach both batched paths for 24 channels: row space (<= 64 rows), channel space (65-2048)
+MIXED_SIZES = [2, 3, 5, 8, 9, 16, 17, 31, 33, 64, 40, 7, 64, 2, 65, 90, 130, 300, 2]
+
+
+def test_batched_splits_alike_in_a_batch_or_alone():
     # the fit splits the clusters the heap asks for next together: each split must depend on its own rows only
     g = torch.Generator().manual_seed(0)
-    Y = torch.nn.functional.normalize(torch.randn(900, 24, generator=g), dim=1)
-    sizes = [2, 3, 5, 8, 9, 16, 17, 31, 33, 64, 40, 7, 64, 2]
-    cuts = torch.randperm(900, generator=g)[: sum(sizes)].split(sizes)
+    Y = torch.nn.functional.normalize(torch.randn(1200, 24, generator=g), dim=1)
+    cuts = torch.randperm(1200, generator=g)[: sum(MIXED_SIZES)].split(MIXED_SIZES)
     km = BisectingSphericalKMeans(2, seed=0)
-    together = km._split_small(Y, list(cuts))
-    for idx, mask in zip(cuts, together):
-        assert mask.shape == idx.shape and 0 < int(mask.sum()) < len(idx)
-        assert torch.equal(mask, km._split_small(Y, [idx])[0])
+    together = km._split_batch(Y, list(cuts))
+    for idx, parts in zip(cuts, together):
+        mask = _moving_mask(idx, parts)
+        assert 0 < int(mask.sum()) < len(idx)
+        assert torch.equal(mask, _moving_mask(idx, km._split_batch(Y, [idx])[0]))
 
 
-def test_small_cluster_path_recovers_planted_clusters(monkeypatch):
+def test_cluster_split_off_splits_alike_from_the_kept_gram_matrix():
+    # the second split of a cluster reads a block of the Gram matrix kept from the first: same result as fresh
+    from captum_gig.concepts import _GramStore
+
+    g = torch.Generator().manual_seed(5)
+    Y = torch.nn.functional.normalize(torch.randn(300, 24, generator=g), dim=1)
+    idx = torch.randperm(300, generator=g)[:60].sort().values
+    km = BisectingSphericalKMeans(2, seed=0)
+    grams = _GramStore(300, Y.device)
+    stay, move = km._split_batch(Y, [idx], grams)[0]
+    for child in (stay, move):
+        if len(child) >= 2:
+            kept = km._split_batch(Y, [child], grams)[0]
+            fresh = km._split_batch(Y, [child])[0]
+            assert torch.equal(_moving_mask(child, kept), _moving_mask(child, fresh))
+
+
+@pytest.mark.parametrize("path", ["batched", "one_by_one"])
+def test_every_split_is_a_two_means_fixed_point_with_tol_zero(monkeypatch, path):
+    # with tol=0 the 2-means runs until no row changes side: every row is nearer (cosine) its own centroid
     from captum_gig import concepts
 
-    X, truth = planted(n_clusters=4, per_cluster=12, noise=0.3)  # 48 rows: every split on the batched path
-    assert len(X) <= concepts.SMALL_SPLIT_ROWS
-    batched = BisectingSphericalKMeans(4, seed=0).fit(X)
-    assert adjusted_rand_score(truth.numpy(), batched.labels_.numpy()) >= 0.95
-    monkeypatch.setattr(concepts, "SMALL_SPLIT_ROWS", 0)  # every split one by one in the channel space
-    one_by_one = BisectingSphericalKMeans(4, seed=0).fit(X)
-    assert adjusted_rand_score(batched.labels_.numpy(), one_by_one.labels_.numpy()) >= 0.95
+    if path == "one_by_one":
+        monkeypatch.setattr(concepts, "BATCH_SPLIT_ROWS", 0)
+        monkeypatch.setattr(concepts, "SMALL_SPLIT_ROWS", 0)
+    for n in (40, 500):  # row-space path, channel-space path (or one by one)
+        X, _ = planted(n_clusters=3, per_cluster=n // 3, noise=3.0, seed=n)
+        km = BisectingSphericalKMeans(2, tol=0.0, max_iter=500).fit(X)
+        Y = torch.nn.functional.normalize(X, dim=1)
+        cos = Y @ km.cluster_centers_.t()
+        own = cos.gather(1, km.labels_.unsqueeze(1)).squeeze(1)
+        assert (own >= cos.max(1).values - 1e-6).all()
 
 
-def test_small_clusters_split_into_their_planted_halves():
+def test_looser_tol_trades_little_cohesion():
+    X, _ = planted(n_clusters=40, per_cluster=30, dim=32, noise=4.0, seed=6)
+    Y = torch.nn.functional.normalize(X, dim=1)
+
+    def cohesion(km):
+        return float((Y * km.cluster_centers_[km.labels_]).sum(1).mean())
+
+    strict = cohesion(BisectingSphericalKMeans(40, tol=0.0).fit(X))
+    default = cohesion(BisectingSphericalKMeans(40).fit(X))
+    assert default >= strict - 0.01
+    with pytest.raises(ValueError, match="tol"):
+        BisectingSphericalKMeans(4, tol=-1.0).fit(X)
+
+
+def test_batched_path_recovers_planted_clusters(monkeypatch):
+    from captum_gig import concepts
+
+    for per_cluster in (12, 150):  # 48 rows: row space; 600 rows: channel space
+        X, truth = planted(n_clusters=4, per_cluster=per_cluster, noise=0.3)
+        assert len(X) <= concepts.BATCH_SPLIT_ROWS
+        batched = BisectingSphericalKMeans(4, seed=0).fit(X)
+        assert adjusted_rand_score(truth.numpy(), batched.labels_.numpy()) >= 0.95
+        with monkeypatch.context() as m:  # every split one by one in the channel space
+            m.setattr(concepts, "BATCH_SPLIT_ROWS", 0)
+            m.setattr(concepts, "SMALL_SPLIT_ROWS", 0)
+            one_by_one = BisectingSphericalKMeans(4, seed=0).fit(X)
+        assert adjusted_rand_score(batched.labels_.numpy(), one_by_one.labels_.numpy()) >= 0.95
+
+
+def test_batched_clusters_split_into_their_planted_halves():
     # each cluster holds two groups along their own directions: in a batch of clusters of mixed sizes
     # (padded to a common width), every split must separate exactly its two groups
     g = torch.Generator().manual_seed(2)
     rows, halves = [], []
-    for a, b in [(3, 5), (10, 6), (20, 30), (1, 9), (33, 31), (7, 7)]:
+    for a, b in [(3, 5), (10, 6), (20, 30), (1, 9), (33, 31), (7, 7), (40, 60), (150, 90), (33, 34)]:
         d = torch.nn.functional.normalize(torch.randn(2, 24, generator=g), dim=1)
         half = torch.arange(a + b) >= a
         pts = d[half.long()] + 0.05 * torch.randn(a + b, 24, generator=g)
         rows.append(torch.nn.functional.normalize(pts, dim=1))
         halves.append(half)
     Y = torch.cat(rows)
-    sizes = [len(h) for h in halves]
-    clusters = list(torch.arange(len(Y)).split(sizes))
-    for mask, half in zip(BisectingSphericalKMeans(2)._split_small(Y, clusters), halves):
+    clusters = list(torch.arange(len(Y)).split([len(h) for h in halves]))
+    for idx, parts, half in zip(clusters, BisectingSphericalKMeans(2)._split_batch(Y, clusters), halves):
+        mask = _moving_mask(idx, parts)
         assert torch.equal(mask, half) or torch.equal(mask, ~half)
+
+
+def test_large_cluster_split_from_a_sample(monkeypatch):
+    # clusters above _SAMPLE_ABOVE rows start their 2-means from a sample's split; it must find the same halves
+    from captum_gig import concepts
+    from captum_gig.concepts import _sample
+
+    X, truth = planted(n_clusters=2, per_cluster=400, noise=0.3, seed=3)
+    Y = torch.nn.functional.normalize(X, dim=1)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    chosen = _sample(Y, 0.25, direction)
+    assert 0.15 < float(chosen.double().mean()) < 0.35  # about the fraction asked for
+    perm = torch.randperm(len(Y), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_sample(Y[perm], 0.25, direction), chosen[perm])  # by value, not by position
+    monkeypatch.setattr(concepts, "BATCH_SPLIT_ROWS", 0)
+    monkeypatch.setattr(concepts, "SMALL_SPLIT_ROWS", 0)
+    whole = BisectingSphericalKMeans(2, seed=0).fit(X).labels_
+    monkeypatch.setattr(concepts, "_SAMPLE_ABOVE", 100)
+    monkeypatch.setattr(concepts, "_SAMPLE_ROWS", 200)
+    sampled = BisectingSphericalKMeans(2, seed=0).fit(X).labels_
+    assert adjusted_rand_score(truth.numpy(), sampled.numpy()) >= 0.99
+    assert adjusted_rand_score(whole.numpy(), sampled.numpy()) >= 0.99
+
+
+def test_lanczos_and_power_directions_find_the_top_eigenvector():
+    from captum_gig.concepts import _lanczos_directions, _power_directions
+
+    g = torch.Generator().manual_seed(4)
+    d = 30
+    ops = []
+    for gap in (1.5, 3.0, 10.0):  # top eigenvalue `gap` times the next
+        Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+        spectrum = torch.linspace(1.0, 0.05, d, dtype=torch.float64)
+        spectrum[0] = gap
+        ops.append((Q * spectrum) @ Q.t())
+    A = torch.stack(ops)
+    start = torch.randn(3, d, generator=g, dtype=torch.float64)
+    apply = lambda x: (A @ x.unsqueeze(2)).squeeze(2)  # noqa: E731
+    truth = torch.linalg.eigh(A).eigenvectors[:, :, -1]
+    for find in (_lanczos_directions, _power_directions):
+        v = find(apply, start, 60)
+        assert torch.allclose(v.norm(dim=1), torch.ones(3, dtype=torch.float64))
+        assert ((v * truth).sum(1).abs() > 0.99).all(), find.__name__
+        for i in range(3):  # each operator's result is its own, whatever else is in the batch
+            alone = find(lambda x, i=i: (A[i : i + 1] @ x.unsqueeze(2)).squeeze(2), start[i : i + 1], 60)
+            assert torch.allclose(alone[0], v[i], atol=1e-10)

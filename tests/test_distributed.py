@@ -35,10 +35,10 @@ def _pipeline(model, images, labels, blobs):
     loader = DataLoader(TensorDataset(images, labels), batch_size=3)  # 4 batches
     pfvs = collect_pfvs(model, "block2", loader, per_image=3, seed=5, progress=False)
     uniform = collect_pfvs(model, "block3", images, sampling="uniform", per_image=2, batch_size=5, seed=2, progress=False)
-    default_local, default_small = dist_.LOCAL_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS
+    defaults = dist_.LOCAL_SPLIT_ROWS, concepts_.BATCH_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS
     # clusters of >= 10 rows split with all-reduced sums, smaller ones gathered (single-process: no effect),
-    # those of <= 4 rows gathered and split in batches
-    dist_.LOCAL_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = 10, 4
+    # those of <= 6 rows gathered and split in batches, those of <= 4 in their row space
+    dist_.LOCAL_SPLIT_ROWS, concepts_.BATCH_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = 10, 6, 4
     basis = ConceptBasis.fit(pfvs, 12, offset="mean", seed=3, progress=False)
     alpha = 0.1 * float(alpha_max(basis, pfvs.vectors).median())
     dec = PFVDecomposer(basis, alpha=alpha, chunk_size=8)  # 36 rows: 5 chunks
@@ -47,14 +47,22 @@ def _pipeline(model, images, labels, blobs):
     basis3 = ConceptBasis.fit(uniform, 6, offset=model.block3[1], seed=0, progress=False)
     inter = interlayer_attribution(model, "block2", dec, "block3", basis3, images, targets=[0, 2, 5], by="all",
                                    n_steps=2, batch_size=5, progress=False)
-    dist_.LOCAL_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = 0, 0  # every split on sharded rows, also the degenerate ones
+    # every split on sharded rows, also the degenerate ones
+    dist_.LOCAL_SPLIT_ROWS, concepts_.BATCH_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = 0, 0, 0
     km = BisectingSphericalKMeans(9, seed=1).fit(blobs)
+    sampling = concepts_._SAMPLE_ABOVE, concepts_._SAMPLE_ROWS
+    concepts_._SAMPLE_ABOVE, concepts_._SAMPLE_ROWS = 8, 6  # the 2-means of clusters > 8 rows start from a sample's
+    km_sampled = BisectingSphericalKMeans(9, seed=1).fit(blobs)
+    concepts_._SAMPLE_ABOVE, concepts_._SAMPLE_ROWS = sampling
     dist_.LOCAL_SPLIT_ROWS = 10**9  # every split gathered
     km_gathered = BisectingSphericalKMeans(9, seed=1).fit(blobs)
-    concepts_.SMALL_SPLIT_ROWS = 10**9  # every split gathered and batched
+    concepts_.BATCH_SPLIT_ROWS = 10**9  # every split gathered and batched, in the channel space
     km_batched = BisectingSphericalKMeans(9, seed=1).fit(blobs)
-    dist_.LOCAL_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = default_local, default_small
+    concepts_.SMALL_SPLIT_ROWS = 10**9  # every split gathered and batched, in the row space
+    km_gram = BisectingSphericalKMeans(9, seed=1).fit(blobs)
+    dist_.LOCAL_SPLIT_ROWS, concepts_.BATCH_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = defaults
     out = {"centres": km.cluster_centers_, "km_gathered_labels": km_gathered.labels_, "km_batched_labels": km_batched.labels_,
+           "km_gram_labels": km_gram.labels_, "km_sampled_labels": km_sampled.labels_,
            "km_labels": km.labels_, "split_sizes": torch.tensor(km.split_history_),
            "vectors": basis.vectors, "offset": basis.offset, "basis_labels": basis.labels, "sizes": basis.sizes,
            "U": U, "classes": res.classes, "mean": res.mean, "counts": res.counts,
@@ -99,7 +107,7 @@ def test_two_gloo_processes_equal_single_process(tmp_path):
         torch.set_num_threads(threads)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     assert ranks[0]["local_shard"].tolist() == [0, 2, 4, 6] and ranks[1]["local_shard"].tolist() == [1, 3, 5]
-    exact = {"km_labels", "km_gathered_labels", "km_batched_labels", "split_sizes", "basis_labels", "sizes", "classes", "counts", "inter_counts"}
+    exact = {"km_labels", "km_gathered_labels", "km_batched_labels", "km_gram_labels", "km_sampled_labels", "split_sizes", "basis_labels", "sizes", "classes", "counts", "inter_counts"}
     exact |= {k for k in single if k.endswith(("_image_index", "_position", "_labels", "_target"))}
     assert single["pfv_vectors"].shape == (36, 6) and single["upfv_vectors"].shape == (24, 8)
     assert single["classes"].numel() >= 2 and int((single["U"] != 0).sum()) > 0
