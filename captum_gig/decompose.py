@@ -258,7 +258,8 @@ class PFVDecomposer:
                 f"but the basis has {self.n_concepts} concepts"
             )
         V, beta, _ = self._operands(Ul)
-        return _layout.move_channels_back(Ul @ V + beta, U.dim())
+        flat = Ul.reshape(-1, self.n_concepts)
+        return _layout.move_channels_back((sparse_times(flat, V) + beta).reshape(*Ul.shape[:-1], -1), U.dim())
 
     def objective(self, X: Tensor, U: Tensor) -> Tensor:
         """Per-PFV Lasso objective of coefficients ``U`` for PFVs ``X`` (any layout)."""
@@ -488,7 +489,12 @@ def _working_set(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: f
         # the full problem: residual, correlations with every concept, duality gap
         coef = (u * valid).to(x.dtype)
         R = x - _sparse_rows(ws, coef, k) @ V  # a few non-zeros per row: a sparse product, not (n x K) @ V
-        corr = R @ V.t()
+        nonzero = coef != 0
+        if float(nonzero.sum()) < GRAM_CORRELATIONS_BELOW * R.numel():
+            # <r, v_j> = <x, v_j> - sum_i u_i <v_i, v_j>: the Gram rows of the non-zeros cost less than R V'
+            corr = b0 - (_sparse_rows(ws, u * valid, k, nonzero) @ gram).to(x.dtype)
+        else:
+            corr = R @ V.t()
         bound = corr.clamp_min(0).amax(1) if positive else corr.abs().amax(1)
         scale = torch.where(bound > alpha, alpha / bound.clamp_min(1e-30), torch.ones_like(bound))
         primal = 0.5 * R.pow(2).sum(1) + alpha * coef.abs().sum(1)
@@ -538,17 +544,47 @@ def _working_set(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: f
     return out
 
 
+#: coefficient matrices with at most this share of non-zeros are multiplied as sparse matrices
+SPARSE_DENSITY = 0.1
+
+#: the working-set Lasso takes its correlations from the Gram rows of the non-zeros while there are fewer
+#: than this many per PFV and channel (measured at C = 1024, K = 8192: 5x faster than the dense product at 3
+#: non-zeros per PFV, 1.5x at 16, even at 32)
+GRAM_CORRELATIONS_BELOW = 1 / 64
+
+
+def sparse_times(U: Tensor, V: Tensor) -> Tensor:
+    """``U @ V`` for coefficients ``U (n, K)``, through a sparse product when few are non-zero.
+
+    Lasso coefficients have a few non-zeros per PFV: the dense product costs
+    ``n K C`` multiply-adds for ``n nnz C`` useful ones (19 ms against 2 ms for
+    196 PFVs, K = 8192, C = 1024, 20 non-zeros each). Tensors that need
+    gradients take the dense product.
+    """
+    if U.requires_grad or U.numel() == 0 or float((U != 0).sum()) > SPARSE_DENSITY * U.numel():
+        return U @ V
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state" notices
+        return U.to_sparse_csr() @ V
+
+
 def _dense_rows(ws: Tensor, coef: Tensor, k: int) -> Tensor:
     """``(n, k)`` coefficients from per-row concept indices ``ws`` and values ``coef`` (both ``(n, m)``)."""
     return torch.zeros(ws.shape[0], k, dtype=coef.dtype, device=coef.device).scatter_add_(1, ws, coef)
 
 
-def _sparse_rows(ws: Tensor, coef: Tensor, k: int) -> Tensor:
-    """The same coefficients as a CSR matrix (``m`` stored entries per row; repeated indices add up)."""
+def _sparse_rows(ws: Tensor, coef: Tensor, k: int, keep: Optional[Tensor] = None) -> Tensor:
+    """The same coefficients as a CSR matrix (``m`` stored entries per row, or those where ``keep``;
+    repeated indices add up)."""
     n, m = ws.shape
     order = ws.argsort(dim=1)
-    crow = torch.arange(0, n * m + 1, m, device=ws.device)
+    if keep is None:
+        crow = torch.arange(0, n * m + 1, m, device=ws.device)
+        cols, values = ws.gather(1, order).reshape(-1), coef.gather(1, order).reshape(-1)
+    else:
+        kept = keep.gather(1, order)
+        crow = torch.cat([torch.zeros(1, dtype=torch.long, device=ws.device), kept.sum(1).cumsum(0)])
+        cols, values = ws.gather(1, order)[kept], coef.gather(1, order)[kept]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state" / invariant-check notices
-        return torch.sparse_csr_tensor(crow, ws.gather(1, order).reshape(-1), coef.gather(1, order).reshape(-1),
-                                       size=(n, k), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, cols, values, size=(n, k), check_invariants=False)

@@ -12,7 +12,7 @@ from . import _layout
 from ._captum_compat import path_points
 from ._hooks import LayerSpec, check_inputs, check_runs_once, frozen, replace, resolve_layer, run_until
 from ._slicing import slice_between
-from .decompose import PFVDecomposer
+from .decompose import SPARSE_DENSITY, PFVDecomposer
 
 __all__ = ["GeneralizedIntegratedGradients"]
 
@@ -274,15 +274,21 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         V = self.decomposer_a.basis.vectors.to(Gbar.dtype)
         spatial = _layout.spatial_shape(Gbar)
         Gp = _layout.to_pfvs(Gbar)  # (B, P, C)
-        reps = Gp.shape[0] // ends.coefficients.shape[0]
-        U = ends.coefficients.repeat(reps, 1, 1)
-        contrib = U * (Gp @ V.t())  # (B, P, K)
+        U = ends.coefficients  # (N, P, K); Gbar's row r N + n belongs to example n
+        reps = Gp.shape[0] // U.shape[0]
+        if float((U != 0).sum()) > SPARSE_DENSITY * U.numel():
+            contrib = U.repeat(reps, 1, 1) * (Gp @ V.t())  # (B, P, K)
+            if not per_position:
+                contrib = contrib.sum(1)
+        else:  # only u_pq != 0 contribute: nnz C multiply-adds instead of P K C
+            contrib = _sparse_projection(Gp.view(reps, *U.shape[:2], -1), U, V, per_position)
+            contrib = contrib.view(Gp.shape[0], *contrib.shape[2:])
         if residual:
-            err = _layout.to_pfvs(ends.activation - ends.reconstruction).repeat(reps, 1, 1)
-            contrib = torch.cat([contrib, (err * Gp).sum(-1, keepdim=True)], dim=2)
+            err = (_layout.to_pfvs(ends.activation - ends.reconstruction).repeat(reps, 1, 1) * Gp).sum(-1, keepdim=True)
+            contrib = torch.cat([contrib, err if per_position else err.sum(1)], dim=-1)
         if per_position:
             return contrib.transpose(1, 2).reshape(contrib.shape[0], contrib.shape[2], *spatial)
-        return contrib.sum(1)
+        return contrib
 
     def _check_inputs(self, inputs, n_steps: int, additional) -> tuple:
         if not isinstance(inputs, Tensor):
@@ -467,6 +473,25 @@ class GeneralizedIntegratedGradients(GradientAttribution):
                     grads = grads.view(d.shape[0], s, n, *base.shape[1:])
                     total[d0 : d0 + d.shape[0]] += torch.einsum("cs...,s->c...", grads, w)
         return total
+
+
+def _sparse_projection(G: Tensor, U: Tensor, V: Tensor, per_position: bool, budget: int = 1 << 22) -> Tensor:
+    """``u_pq <v_q, G_p>`` for integrated gradients ``G (R, N, P, C)`` and sparse coefficients ``U (N, P, K)``.
+
+    Returns ``(R, N, P, K)``, or ``(R, N, K)`` summed over positions unless ``per_position``.
+    """
+    n_idx, p_idx, q_idx = U.nonzero(as_tuple=True)
+    values = U[n_idx, p_idx, q_idx]
+    shape = U.shape if per_position else (U.shape[0], U.shape[2])
+    out = torch.zeros(G.shape[0], *shape, dtype=G.dtype, device=G.device)
+    rows = torch.arange(G.shape[0], device=G.device).unsqueeze(1)
+    chunk = max(1, budget // (G.shape[0] * G.shape[-1]))  # the (R, chunk, C) gathers stay under budget elements
+    for s in range(0, values.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        dots = (G[:, n_idx[sl], p_idx[sl]] * V[q_idx[sl]]).sum(-1) * values[sl]
+        where = (n_idx[sl], p_idx[sl], q_idx[sl]) if per_position else (n_idx[sl], q_idx[sl])
+        out.index_put_((rows,) + tuple(i.unsqueeze(0) for i in where), dots, accumulate=True)
+    return out
 
 
 _warned_fallback = False

@@ -17,10 +17,21 @@ def problem(n=60, c=16, k=128, seed=0, relu_like=False):
     return X, V
 
 
+def _solver(name, monkeypatch):
+    """``working_set_gram``: the working-set solver with every correlation from the Gram matrix."""
+    if name == "working_set_gram":
+        from captum_gig import decompose
+
+        monkeypatch.setattr(decompose, "GRAM_CORRELATIONS_BELOW", float("inf"))
+        return "working_set"
+    return name
+
+
 @pytest.mark.parametrize("k, relu_like", [(16, False), (128, False), (128, True)])
 @pytest.mark.parametrize("positive", [False, True])
-@pytest.mark.parametrize("solver", ["working_set", "fista"])
-def test_objective_matches_sklearn_lasso_cd(k, relu_like, positive, solver):
+@pytest.mark.parametrize("solver", ["working_set", "working_set_gram", "fista"])
+def test_objective_matches_sklearn_lasso_cd(k, relu_like, positive, solver, monkeypatch):
+    solver = _solver(solver, monkeypatch)
     X, V = problem(k=k, relu_like=relu_like)
     offset = torch.randn(16, dtype=torch.float64)
     alpha = float(0.1 * alpha_max(ConceptBasis(V), X).median())
@@ -38,10 +49,12 @@ def test_objective_matches_sklearn_lasso_cd(k, relu_like, positive, solver):
     assert l0_ratio(U) >= float((U_sk.abs() <= 1e-8).double().mean()) - 0.02  # as sparse as sklearn's
 
 
-def test_kkt_conditions_hold_at_solution():
+@pytest.mark.parametrize("solver", ["working_set", "working_set_gram"])
+def test_kkt_conditions_hold_at_solution(solver, monkeypatch):
     X, V = problem(k=128, relu_like=True, seed=2)
     alpha = 0.5
-    U = PFVDecomposer(ConceptBasis(V), alpha=alpha, tol=1e-8, max_iter=20000, solver="working_set").transform(X)
+    dec = PFVDecomposer(ConceptBasis(V), alpha=alpha, tol=1e-8, max_iter=20000, solver=_solver(solver, monkeypatch))
+    U = dec.transform(X)
     corr = (X - U @ V) @ V.t()
     assert (corr.abs() <= alpha * (1 + 1e-3)).all()
     support = U != 0
@@ -192,3 +205,17 @@ def test_auto_solver_picks_working_sets_for_large_bases(monkeypatch):
     used.clear()
     PFVDecomposer(ConceptBasis(torch.randn(1024, 8)), alpha=0.5).transform(X)
     assert used[0] == "_working_set"
+
+
+def test_sparse_reconstruction_equals_the_dense_product():
+    from captum_gig.decompose import sparse_times
+
+    X, V = problem(n=80, k=256, seed=3)
+    U = PFVDecomposer(ConceptBasis(V), alpha=0.3, solver="working_set").transform(X)
+    assert 0 < float((U != 0).double().mean()) < 0.1  # sparse: the CSR product
+    assert torch.allclose(sparse_times(U, V), U @ V, atol=1e-10)
+    dense = torch.randn(5, 256, dtype=torch.float64)  # dense: the ordinary product
+    assert torch.allclose(sparse_times(dense, V), dense @ V)
+    wanted = U.clone().requires_grad_(True)  # gradients: the ordinary product, which has them
+    sparse_times(wanted, V).sum().backward()
+    assert torch.allclose(wanted.grad, V.sum(1).expand_as(U))

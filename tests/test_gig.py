@@ -267,3 +267,22 @@ def test_bad_arguments(cnn_setup):
         good.attribute(x, target=0, n_steps=0)
     with pytest.raises(ValueError, match="target is required"):
         good.attribute(x)
+
+
+def test_sparse_and_dense_projections_agree(cnn_setup, monkeypatch):
+    # u_pq <v_q, G_p> over the non-zeros only (sparse coefficients) equals the dense product
+    from captum_gig import gig as gig_module
+
+    model, x, decs = cnn_setup[:3]
+    gig = GeneralizedIntegratedGradients(model, "block1", decs["block1"], "block2", decs["block2"])
+    results = {}
+    for name, density in (("sparse", 1.0), ("dense", -1.0)):
+        monkeypatch.setattr(gig_module, "SPARSE_DENSITY", density)
+        results[name] = (
+            gig.attribute(x, target=1, n_steps=8, per_position=True, residual=True),
+            gig.attribute(x, target=1, n_steps=8),
+            gig.attribute_matrix(x, targets=[0, 2], n_steps=4, residual=True),
+        )
+    for sparse, dense in zip(results["sparse"], results["dense"]):
+        assert sparse.shape == dense.shape
+        assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6 * float(dense.abs().max()))
