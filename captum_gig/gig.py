@@ -226,8 +226,11 @@ class GeneralizedIntegratedGradients(GradientAttribution):
             end=X if residual else X_tilde,
         )
 
-    def _readout_ends(self, ends: _Endpoints, inputs: Tensor, additional: tuple) -> Tuple[Tensor, Tensor]:
+    def _readout_ends(self, ends: _Endpoints, inputs: Tensor, additional: tuple, end: bool = True) -> Tuple[Optional[Tensor], Tensor]:
+        """Target scores at the path's end (unless ``end=False``: only the delta needs them) and start."""
         with torch.no_grad():
+            if not end:
+                return None, self._readout(ends.baseline, inputs if self._suffix is None else None, additional)
             both = self._readout(
                 torch.cat([ends.end, ends.baseline]),
                 torch.cat([inputs, inputs]) if self._suffix is None else None,
@@ -350,9 +353,9 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         with frozen(self.model):
             self._prepare_suffix()
             ends = self._endpoints(inputs, additional, residual)
-            s_end, s_start = self._readout_ends(ends, inputs, additional)
-            targets = self._check_targets(target, n, s_end.shape[1], s_end.device, per_example=True)
-            directions = self._target_directions(targets, s_end.shape[1]).to(s_end)
+            s_end, s_start = self._readout_ends(ends, inputs, additional, end=return_convergence_delta)
+            targets = self._check_targets(target, n, s_start.shape[1], s_start.device, per_example=True)
+            directions = self._target_directions(targets, s_start.shape[1]).to(s_start)
             extra = (directions,) if self._suffix is not None else (inputs, directions) + additional
             ig = IntegratedGradients(self._score, multiply_by_inputs=False)
             Gbar = ig.attribute(
