@@ -148,7 +148,7 @@ class BisectingSphericalKMeans:
         tol (float, optional): a 2-means stops once an iteration raises the
                     summed cosine of the cluster's rows to their centroid by
                     at most ``tol`` per row (or no row changes side).
-                    Default: 1e-5
+                    Default: 3e-5
         power_iter (int, optional): at most this many Lanczos steps (products
                     with the cluster's covariance) for the principal
                     direction. Default: 20
@@ -176,7 +176,7 @@ class BisectingSphericalKMeans:
         n_clusters: int,
         *,
         max_iter: int = 50,
-        tol: float = 1e-5,
+        tol: float = 3e-5,
         power_iter: int = 20,
         seed: int = 0,
         progress: bool = False,
