@@ -126,20 +126,26 @@ def bench_cluster(sizes, args):
         dev = args.device
         Xd = Xc.to(dev)
         # the two alternate, so that both see the same machine (a shared one drifts over a minute)
-        ours_t, peer_t = [], []
+        # ours with the default tolerance and with tol=0 (every 2-means to a fixed point) and sklearn alternate,
+        # so that all see the same machine (a shared one drifts over a minute)
+        ours_t, strict_t, peer_t = [], [], []
         for _ in range(args.repeats):
             t, km = timed(lambda: BisectingSphericalKMeans(k, seed=0).fit(Xd), 1, dev)
             ours_t.append(t)
+            t, km0 = timed(lambda: BisectingSphericalKMeans(k, seed=0, tol=0.0).fit(Xd), 1, dev)
+            strict_t.append(t)
             t, sk = timed(
                 lambda: BisectingKMeans(k, bisecting_strategy="largest_cluster", random_state=0, n_init=1).fit(Xn.numpy()),
                 1,
             )
             peer_t.append(t)
-        ours, peer = statistics.median(ours_t), statistics.median(peer_t)
-        q_ours = cohesion(Xn, km.labels_.cpu().long(), k)
+        peer = statistics.median(peer_t)
         q_sk = cohesion(Xn, torch.from_numpy(sk.labels_).long(), k)
-        record(f"cluster_vs_sklearn_bisecting[N={n},C={c},K={k}]", ours, peer, q_ours / q_sk,
-               f"cohesion (mean cosine to concept) ours {q_ours:.4f} sklearn {q_sk:.4f} (sklearn on unit rows)")
+        for tag, model, times in (("", km, ours_t), ("_tol0", km0, strict_t)):
+            q_ours = cohesion(Xn, model.labels_.cpu().long(), k)
+            record(f"cluster{tag}_vs_sklearn_bisecting[N={n},C={c},K={k}]", statistics.median(times), peer, q_ours / q_sk,
+                   f"tol={model.tol}; cohesion (mean cosine to concept) ours {q_ours:.4f} sklearn {q_sk:.4f} "
+                   "(sklearn on unit rows)")
 
 
 # -- GIG ----------------------------------------------------------------------------------------
