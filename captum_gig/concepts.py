@@ -83,7 +83,7 @@ def _check_pfvs(X, argument: str = "X") -> Tensor:
 #: together); larger ones one by one
 BATCH_SPLIT_ROWS = 2048
 
-#: clusters of at most this many rows (at most half the channels, at least 64) are split in their row
+#: clusters of at most this many rows (at most as many as channels, at least 64) are split in their row
 #: space, from Gram matrices kept for the clusters split off them (see ``_GramStore``)
 SMALL_SPLIT_ROWS = 256
 
@@ -102,8 +102,9 @@ _SAMPLE_ABOVE, _SAMPLE_ROWS = 8192, 4096
 
 
 def _gram_split_rows(n_channels: int) -> int:
-    # a Gram matrix of w rows costs w^2 per product against w C for the rows themselves
-    return min(SMALL_SPLIT_ROWS, max(64, n_channels // 2))
+    # a Gram matrix of w rows costs w^2 per product against w C for the rows themselves: no dearer up to
+    # w = C, and computed once for all the splits below
+    return min(SMALL_SPLIT_ROWS, max(64, n_channels))
 
 
 def _padded_width(size: int, gram: bool) -> int:
@@ -125,7 +126,8 @@ class BisectingSphericalKMeans:
     similarity, centroids are normalised sums) until ``n_clusters`` exist.
 
     Each 2-means starts from the split along the cluster's principal direction
-    (found by the Lanczos method), so the result does not depend on the order
+    (Lanczos for large clusters, the power method for batches of smaller
+    ones), so the result does not depend on the order
     of the rows, and every step is a sum over rows (which is what lets a
     distributed fit reduce partial sums). How the arithmetic is organised
     depends on the cluster's size; a split depends only on the cluster's own
@@ -149,9 +151,9 @@ class BisectingSphericalKMeans:
                     summed cosine of the cluster's rows to their centroid by
                     at most ``tol`` per row (or no row changes side).
                     Default: 3e-5
-        power_iter (int, optional): at most this many Lanczos steps (products
-                    with the cluster's covariance) for the principal
-                    direction. Default: 20
+        power_iter (int, optional): at most this many products with the
+                    cluster's covariance (Lanczos or power steps) for the
+                    principal direction. Default: 20
         seed (int, optional): seed of the start vectors of the large
                     clusters. Default: 0
         progress (bool, optional): progress bar over splits. Default: False
@@ -369,7 +371,7 @@ class BisectingSphericalKMeans:
         The split rule of :meth:`_split_local`, batched over the clusters
         padded to one width (zero rows pad), in parts of at most
         ``_BATCH_ELEMENTS`` elements. Every step is per cluster -- the start
-        (the row farthest from the cluster's mean), the Lanczos steps, the
+        (the row farthest from the cluster's mean), the power iteration, the
         2-means -- so a cluster's result depends only on its own rows, not
         on the batch it is in. Clusters of at most ``_gram_split_rows(C)``
         rows are split in their row space (:meth:`_split_gram`), larger ones
@@ -432,11 +434,12 @@ class BisectingSphericalKMeans:
         total = Z.sum(1)
         mean = total / n
         centred_dot = lambda x: (rows_times(x) - (mean * x).sum(1, keepdim=True)) * real  # noqa: E731
-        # Lanczos from the row farthest from the mean; Z' (Z x - mean.x) = Zc' Zc x, as the centred rows sum to 0
+        # power iteration from the row farthest from the mean; Z' (Z x - mean.x) = Zc' Zc x, as the centred
+        # rows sum to 0
         cosine = rows_times(mean)
         far = torch.where(real, cosine, torch.full_like(cosine, float("inf"))).argmin(1)
         start = Z[torch.arange(b, device=Z.device), far] - mean
-        v = _lanczos_directions(lambda x: times_rows(centred_dot(x)), start, self.power_iter)
+        v = _power_directions(lambda x: times_rows(centred_dot(x)), start, self.power_iter)
         right = (centred_dot(v) > 0) & real
         k = right.sum(1)
         alternate = (torch.arange(width, device=Z.device) % 2 == 1) & real
