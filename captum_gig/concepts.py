@@ -300,12 +300,9 @@ class BisectingSphericalKMeans:
         s1 = red(Yt @ right.to(Y.dtype))
         objective = None
         for _ in range(self.max_iter):
-            sums = torch.stack([total - s1, s1])
-            norms = sums.norm(dim=1, keepdim=True)
-            if objective is not None and float(norms.sum()) - objective <= self.tol * m:
-                break  # the summed cosine to the centroids barely grows
-            objective = float(norms.sum())
-            centroids = sums / norms.clamp_min(1e-12)
+            centroids, objective = _centroids(total, s1, objective, self.tol * m)
+            if centroids is None:
+                break
             new_right = Y @ (centroids[1] - centroids[0]) > 0
             joined, left = new_right & ~right, right & ~new_right
             changed = red((joined | left).sum().to(Y.dtype))
@@ -346,12 +343,9 @@ class BisectingSphericalKMeans:
         s1 = Yt @ right.to(Y.dtype)
         objective = None
         for _ in range(self.max_iter):
-            sums = torch.stack([total - s1, s1])
-            norms = sums.norm(dim=1, keepdim=True)
-            if objective is not None and float(norms.sum()) - objective <= self.tol * m:
-                break  # the summed cosine to the centroids barely grows
-            objective = float(norms.sum())
-            centroids = sums / norms.clamp_min(1e-12)
+            centroids, objective = _centroids(total, s1, objective, self.tol * m)
+            if centroids is None:
+                break
             new_right = Y @ (centroids[1] - centroids[0]) > 0
             k = int(new_right.sum())
             if k == 0 or k == m:
@@ -631,6 +625,17 @@ def _power_directions(apply: Callable[[Tensor], Tensor], start: Tensor, steps: i
         if not bool(active.any()):
             break
     return v
+
+
+def _centroids(total: Tensor, s1: Tensor, objective: Optional[float], slack: float) -> Tuple[Optional[Tensor], float]:
+    """The 2-means' unit centroids ``(2, C)`` of the rows outside and inside ``s1`` (their sums), and the
+    summed cosine of the rows to them; None for the centroids once that grew by at most ``slack``."""
+    sums = torch.stack([total - s1, s1])
+    norms = sums.norm(dim=1, keepdim=True)
+    now = float(norms.sum())
+    if objective is not None and now - objective <= slack:
+        return None, now
+    return sums / norms.clamp_min(1e-12), now
 
 
 def _sample(Y: Tensor, fraction: float, direction: Tensor) -> Tensor:
