@@ -1335,10 +1335,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     demo = args.command == "demo"
     out = args.out or ("captum-gig-demo" if demo else "captum-gig-out")
-    from .distributed import init_from_env
+    from .distributed import init_from_env, leave
 
     # under torchrun: join the process group (NCCL with CUDA unless --device cpu, else Gloo)
-    init_from_env("gloo" if (args.device or "").startswith("cpu") or not torch.cuda.is_available() else None)
+    joined = init_from_env("gloo" if (args.device or "").startswith("cpu") or not torch.cuda.is_available() else None)
+    status = 1
+    try:
+        status = _main(args, argv, demo, out)
+        return status
+    finally:
+        if joined:
+            leave(clean=status == 0)
+
+
+def _main(args, argv: List[str], demo: bool, out: str) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         settings = _settings(args, out, demo)

@@ -44,6 +44,7 @@ __all__ = [
     "sharded_transform",
     "split_cluster",
     "split_batch",
+    "leave",
     "local_only",
 ]
 
@@ -117,6 +118,22 @@ def init_from_env(backend: Optional[str] = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
+
+
+def leave(clean: bool = True) -> None:
+    """Leave the default process group (no-op single-process).
+
+    With ``clean``, every rank first waits for the others, so that no rank
+    tears down its connections while another still uses them (Gloo aborts a
+    process whose peer vanished mid-exchange: "terminate called without an
+    active exception"). After a failure, leave without waiting: the other
+    ranks may never get here.
+    """
+    if not is_distributed():
+        return
+    if clean:
+        barrier()
+    _dist().destroy_process_group()
 
 
 def shard_indices(n: int, rank_: Optional[int] = None, world_size_: Optional[int] = None) -> Tensor:
