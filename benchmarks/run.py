@@ -4,8 +4,8 @@
     python benchmarks/run.py --only scale [--device cuda]   # ImageNet-scale layer: fit + decomposition
 
 Every comparison runs both sides in one process, each ``--repeats`` times, and
-reports medians; each part (decompose, cluster, ...) runs in a process of its own. Results go to ``benchmarks/results/<mode>-<device>.json``
-and ``.md``; the run ends with one line per comparison, ``ratio <name> <value>``
+reports medians; each part (decompose, cluster, ...) runs in a process of its
+own. Results go to ``benchmarks/results/<mode>-<device>.json`` and ``.md``; the run ends with one line per comparison, ``ratio <name> <value>``
 (peer time / our time, higher is better) and ``quality <name> <value>``.
 
 Where a peer is too slow to run at the stated size it is run on a subsample of
@@ -126,7 +126,6 @@ def bench_cluster(sizes, args):
         Xn = torch.nn.functional.normalize(Xc, dim=1)
         dev = args.device
         Xd = Xc.to(dev)
-        # the two alternate, so that both see the same machine (a shared one drifts over a minute)
         # ours with the default tolerance and with tol=0 (every 2-means to a fixed point) and sklearn alternate,
         # so that all see the same machine (a shared one drifts over a minute)
         ours_t, strict_t, peer_t = [], [], []

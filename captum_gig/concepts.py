@@ -285,7 +285,7 @@ class BisectingSphericalKMeans:
                 part = Y[chosen]
                 moving = self._split(part, split_number, row_ids[chosen] if row_ids is not None else None, sample=False)
                 s1 = red(part[moving].sum(0))
-                d = _unit(s1) - _unit(red(part.sum(0)) - s1)
+                d = torch.nn.functional.normalize(s1, dim=0) - torch.nn.functional.normalize(red(part.sum(0)) - s1, dim=0)
                 right = Y @ d > 0
                 if not _both_sides(right, red):
                     right = None
@@ -328,7 +328,7 @@ class BisectingSphericalKMeans:
                 part = Y[chosen]
                 moving = self._split_local(part, split_number, sample=False)
                 s1 = part[moving].sum(0)
-                d = _unit(s1) - _unit(part.sum(0) - s1)
+                d = torch.nn.functional.normalize(s1, dim=0) - torch.nn.functional.normalize(part.sum(0) - s1, dim=0)
                 right = Y @ d > 0
                 k = int(right.sum())
                 if k == 0 or k == m:
@@ -547,12 +547,10 @@ class _GramStore:
                 at = self.pos[key[sel]] * on
                 block = self.packs[p][self.slot[key[sel][:, 0]].unsqueeze(1), at]  # (b', w, w of the pack)
                 G[sel] = block.gather(2, at.unsqueeze(1).expand(-1, width, -1)).mul_((on.unsqueeze(2) & on.unsqueeze(1)).to(Y.dtype))
-        keys = key[real]
-        for p, moved in zip(groups, torch.stack([real[m].sum() for m in map(torch.tensor, groups.values())]).tolist()):
-            if p >= 0:
-                self.rows[p] -= moved
+                self.rows[p] -= int(on.sum())  # these rows move to this batch's Gram matrices
                 if self.rows[p] == 0:  # no row lives in that batch's Gram matrices any more
                     del self.packs[p], self.rows[p]
+        keys = key[real]
         self.pack[keys] = self._next
         self.slot[keys] = torch.arange(b, device=Y.device).unsqueeze(1).expand_as(real)[real]
         self.pos[keys] = torch.arange(width, device=Y.device).expand_as(real)[real]
@@ -643,10 +641,6 @@ def _sample(Y: Tensor, fraction: float, direction: Tensor) -> Tensor:
     fractional part of a fine multiple of each row's projection on a random direction is close to
     uniform, and a row is chosen when it is below ``fraction`` (equal rows go together)."""
     return torch.remainder(Y @ direction * 4096, 1.0) < fraction
-
-
-def _unit(v: Tensor) -> Tensor:
-    return v / v.norm().clamp_min(1e-12)
 
 
 def _alternate(n_local: int, row_ids: Optional[Tensor], device) -> Tensor:

@@ -487,12 +487,13 @@ def _working_set(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: f
             b = torch.where(ok, b0[sl].gather(1, w).to(gram.dtype), torch.zeros_like(u[sl]))
             u[sl] = _orthant_newton(G, b, u[sl], ok, alpha, positive, rank)
         # the full problem: residual, correlations with every concept, duality gap
-        coef = (u * valid).to(x.dtype)
+        exact = u * valid
+        coef = exact.to(x.dtype)
         R = x - _sparse_rows(ws, coef, k) @ V  # a few non-zeros per row: a sparse product, not (n x K) @ V
         nonzero = coef != 0
         if float(nonzero.sum()) < GRAM_CORRELATIONS_BELOW * R.numel():
             # <r, v_j> = <x, v_j> - sum_i u_i <v_i, v_j>: the Gram rows of the non-zeros cost less than R V'
-            corr = b0 - (_sparse_rows(ws, u * valid, k, nonzero) @ gram).to(x.dtype)
+            corr = b0 - (_sparse_rows(ws, exact, k, nonzero) @ gram).to(x.dtype)
         else:
             corr = R @ V.t()
         bound = corr.clamp_min(0).amax(1) if positive else corr.abs().amax(1)
@@ -553,6 +554,11 @@ SPARSE_DENSITY = 0.1
 GRAM_CORRELATIONS_BELOW = 1 / 64
 
 
+def mostly_zero(U: Tensor) -> bool:
+    """Whether at most ``SPARSE_DENSITY`` of the coefficients ``U`` are non-zero (sparse products pay)."""
+    return float((U != 0).sum()) <= SPARSE_DENSITY * U.numel()
+
+
 def sparse_times(U: Tensor, V: Tensor) -> Tensor:
     """``U @ V`` for coefficients ``U (n, K)``, through a sparse product when few are non-zero.
 
@@ -561,7 +567,7 @@ def sparse_times(U: Tensor, V: Tensor) -> Tensor:
     196 PFVs, K = 8192, C = 1024, 20 non-zeros each). Tensors that need
     gradients take the dense product.
     """
-    if U.requires_grad or U.numel() == 0 or float((U != 0).sum()) > SPARSE_DENSITY * U.numel():
+    if U.requires_grad or U.numel() == 0 or not mostly_zero(U):
         return U @ V
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "beta state" notices

@@ -12,7 +12,7 @@ from . import _layout
 from ._captum_compat import path_points
 from ._hooks import LayerSpec, check_inputs, check_runs_once, frozen, replace, resolve_layer, run_until
 from ._slicing import slice_between
-from .decompose import SPARSE_DENSITY, PFVDecomposer
+from .decompose import PFVDecomposer, mostly_zero
 
 __all__ = ["GeneralizedIntegratedGradients"]
 
@@ -279,7 +279,7 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         Gp = _layout.to_pfvs(Gbar)  # (B, P, C)
         U = ends.coefficients  # (N, P, K); Gbar's row r N + n belongs to example n
         reps = Gp.shape[0] // U.shape[0]
-        if float((U != 0).sum()) > SPARSE_DENSITY * U.numel():
+        if not mostly_zero(U):
             contrib = U.repeat(reps, 1, 1) * (Gp @ V.t())  # (B, P, K)
             if not per_position:
                 contrib = contrib.sum(1)

@@ -271,13 +271,13 @@ def test_bad_arguments(cnn_setup):
 
 def test_sparse_and_dense_projections_agree(cnn_setup, monkeypatch):
     # u_pq <v_q, G_p> over the non-zeros only (sparse coefficients) equals the dense product
-    from captum_gig import gig as gig_module
+    from captum_gig import decompose
 
     model, x, decs = cnn_setup[:3]
     gig = GeneralizedIntegratedGradients(model, "block1", decs["block1"], "block2", decs["block2"])
     results = {}
     for name, density in (("sparse", 1.0), ("dense", -1.0)):
-        monkeypatch.setattr(gig_module, "SPARSE_DENSITY", density)
+        monkeypatch.setattr(decompose, "SPARSE_DENSITY", density)
         results[name] = (
             gig.attribute(x, target=1, n_steps=8, per_position=True, residual=True),
             gig.attribute(x, target=1, n_steps=8),
