@@ -29,7 +29,7 @@ def _solver(name, monkeypatch):
 
 @pytest.mark.parametrize("k, relu_like", [(16, False), (128, False), (128, True)])
 @pytest.mark.parametrize("positive", [False, True])
-@pytest.mark.parametrize("solver", ["working_set", "working_set_gram", "fista"])
+@pytest.mark.parametrize("solver", ["homotopy", "working_set", "working_set_gram", "fista"])
 def test_objective_matches_sklearn_lasso_cd(k, relu_like, positive, solver, monkeypatch):
     solver = _solver(solver, monkeypatch)
     X, V = problem(k=k, relu_like=relu_like)
@@ -49,7 +49,7 @@ def test_objective_matches_sklearn_lasso_cd(k, relu_like, positive, solver, monk
     assert l0_ratio(U) >= float((U_sk.abs() <= 1e-8).double().mean()) - 0.02  # as sparse as sklearn's
 
 
-@pytest.mark.parametrize("solver", ["working_set", "working_set_gram"])
+@pytest.mark.parametrize("solver", ["homotopy", "working_set", "working_set_gram"])
 def test_kkt_conditions_hold_at_solution(solver, monkeypatch):
     X, V = problem(k=128, relu_like=True, seed=2)
     alpha = 0.5
@@ -120,21 +120,50 @@ def test_channel_mismatch_and_bad_arguments():
         PFVDecomposer(torch.randn(8, 4))
 
 
-# -- the working-set solver against the FISTA reference and in degenerate cases --------------
+# -- the exact solvers against the FISTA reference and in degenerate cases --------------
 
 
+@pytest.mark.parametrize("solver", ["homotopy", "working_set"])
 @pytest.mark.parametrize("positive", [False, True])
-def test_working_set_and_fista_agree(positive):
+def test_exact_solvers_and_fista_agree(solver, positive):
     X, V = problem(n=16, c=8, k=64, relu_like=True, seed=4)  # overcomplete: K = 8 C
     basis = ConceptBasis(V)
     alpha = float(0.2 * alpha_max(basis, X).median())
-    ws = PFVDecomposer(basis, alpha=alpha, tol=1e-9, positive=positive, solver="working_set").transform(X)
+    exact = PFVDecomposer(basis, alpha=alpha, tol=1e-9, positive=positive, solver=solver).transform(X)
     fista = PFVDecomposer(basis, alpha=alpha, tol=1e-6, max_iter=20000, positive=positive, solver="fista").transform(X)
-    o_ws, o_f = lasso_objective(X, ws, V, alpha), lasso_objective(X, fista, V, alpha)
-    assert (o_ws <= o_f * (1 + 1e-9)).all() and torch.allclose(o_ws, o_f, rtol=1e-5)  # the same optimum
-    assert ((ws != 0) == (fista.abs() > 1e-6)).double().mean() >= 0.98
+    o_ex, o_f = lasso_objective(X, exact, V, alpha), lasso_objective(X, fista, V, alpha)
+    assert (o_ex <= o_f * (1 + 1e-9)).all() and torch.allclose(o_ex, o_f, rtol=1e-5)  # the same optimum
+    assert ((exact != 0) == (fista.abs() > 1e-6)).double().mean() >= 0.98
     with pytest.raises(ValueError, match="solver"):
         PFVDecomposer(basis, solver="lars")
+
+
+def test_homotopy_path_events_match_sklearn_lars():
+    """The path's end is sklearn's LARS-Lasso solution (an independent homotopy implementation)."""
+    from sklearn.linear_model import lars_path
+
+    X, V = problem(n=6, c=12, k=40, seed=8)
+    alpha = 0.4
+    U = PFVDecomposer(ConceptBasis(V), alpha=alpha, tol=1e-12, solver="homotopy").transform(X)
+    for row in range(X.shape[0]):
+        # sklearn scales the penalty by the number of samples (here: channels)
+        _, _, coefs = lars_path(V.t().numpy(), X[row].numpy(), method="lasso", alpha_min=alpha / V.shape[1])
+        assert torch.allclose(U[row], torch.from_numpy(coefs[:, -1]), atol=1e-8)
+
+
+def test_repeated_pfvs_are_solved_once_with_the_same_coefficients(monkeypatch):
+    import captum_gig.decompose as decompose
+
+    X, V = problem(n=10, c=8, k=64, relu_like=True, seed=9)
+    repeated = torch.cat([X, X[:3].repeat(20, 1), X])  # a flat background: many equal PFVs
+    seen = []
+    real = decompose._homotopy
+    monkeypatch.setattr(decompose, "_homotopy", lambda Xc, *a, **k: seen.append(Xc.shape[0]) or real(Xc, *a, **k))
+    dec = PFVDecomposer(ConceptBasis(V), alpha=0.3, tol=1e-10, solver="homotopy")
+    U = dec.transform(repeated)
+    assert seen == [10]  # only the distinct PFVs reach the solver
+    alone = dec.transform(X)
+    assert torch.equal(U[:10], alone) and torch.equal(U[10:70], alone[:3].repeat(20, 1)) and torch.equal(U[70:], alone)
 
 
 @pytest.mark.parametrize("positive", [False, True])
@@ -164,7 +193,7 @@ def test_duplicate_concepts_reach_the_optimum():
 
 def test_no_pfvs_and_float32_agrees_with_float64():
     X, V = problem(n=12, c=16, k=128, relu_like=True, seed=7)
-    for solver in ("working_set", "fista"):
+    for solver in ("homotopy", "working_set", "fista"):
         dec = PFVDecomposer(ConceptBasis(V), alpha=0.3, solver=solver)
         empty = dec.transform(torch.zeros(0, 16, dtype=torch.float64))
         assert empty.shape == (0, 128) and empty.dtype == torch.float64
@@ -179,7 +208,7 @@ def test_no_pfvs_and_float32_agrees_with_float64():
 
 
 @pytest.mark.parametrize("dtype, rounding", [(torch.float16, 1e-3), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("solver", ["working_set", "fista"])
+@pytest.mark.parametrize("solver", ["homotopy", "working_set", "fista"])
 def test_half_precision_pfvs_match_their_float32_solution(dtype, rounding, solver):
     # squared norms of PFVs overflow float16 (its max is 65504): half inputs are solved in float32
     X, V = problem(n=20, c=16, k=128, relu_like=True, seed=3)
@@ -192,18 +221,18 @@ def test_half_precision_pfvs_match_their_float32_solution(dtype, rounding, solve
     assert (got <= want * (1 + rounding)).all()  # only the rounding of the coefficients to half
 
 
-def test_auto_solver_picks_working_sets_for_large_bases(monkeypatch):
+def test_auto_solver_picks_the_homotopy_for_few_channels(monkeypatch):
     import captum_gig.decompose as decompose
 
     used = []
-    for name in ("_working_set", "_fista"):
+    for name in ("_homotopy", "_working_set", "_fista"):
         real = getattr(decompose, name)
         monkeypatch.setattr(decompose, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
-    X = torch.randn(4, 8)
-    PFVDecomposer(ConceptBasis(torch.randn(64, 8)), alpha=0.5).transform(X)
-    assert used == ["_fista"]
+    PFVDecomposer(ConceptBasis(torch.randn(64, 8)), alpha=0.5).transform(torch.randn(4, 8))
+    assert used == ["_homotopy"]
     used.clear()
-    PFVDecomposer(ConceptBasis(torch.randn(1024, 8)), alpha=0.5).transform(X)
+    wide, X = ConceptBasis(torch.randn(1024, 160)), torch.randn(4, 160)
+    PFVDecomposer(wide, alpha=float(0.5 * alpha_max(wide, X).min())).transform(X)
     assert used[0] == "_working_set"
 
 
