@@ -12,7 +12,7 @@ from . import _layout
 from ._checks import all_finite
 from . import distributed as _dist
 from .concepts import ConceptBasis
-from .metrics import l0_ratio, relative_l2
+from ._scores import l0_ratio, relative_l2
 
 __all__ = ["PFVDecomposer", "DecompositionScore", "alpha_max", "lasso_objective"]
 

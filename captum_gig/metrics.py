@@ -17,7 +17,7 @@ none the offset ``beta`` alone.
 """
 
 import warnings
-from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 from . import _layout
 from ._hooks import LayerSpec, check_inputs, check_runs_once, frozen, replace, resolve_layer, run_until
 from ._slicing import slice_between
+from ._scores import l0_ratio, relative_l2
 from .concepts import ConceptBasis
+from .decompose import PFVDecomposer
+from .gig import GeneralizedIntegratedGradients
 
 __all__ = [
     "relative_l2",
@@ -40,40 +43,7 @@ __all__ = [
     "auc",
 ]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .decompose import PFVDecomposer
-
 TargetSpec = Union[int, Sequence[int], Tensor]
-
-
-def relative_l2(X: Tensor, X_hat: Tensor) -> Tensor:
-    r"""Mean over PFVs of ``||x - x_hat|| / ||x||`` (Rel-l2, paper 4.2.2).
-
-    Args:
-        X (Tensor): ``(..., C)`` original PFVs (channels last).
-        X_hat (Tensor): ``(..., C)`` their reconstructions.
-
-    Returns:
-        Tensor: scalar. PFVs with ``||x|| = 0`` are left out.
-    """
-    if X.shape != X_hat.shape:
-        raise ValueError(f"X and X_hat must have the same shape; got {tuple(X.shape)} and {tuple(X_hat.shape)}")
-    X, X_hat = X.reshape(-1, X.shape[-1]), X_hat.reshape(-1, X.shape[-1])
-    norm = X.norm(dim=1)
-    keep = norm > 0
-    return ((X - X_hat).norm(dim=1)[keep] / norm[keep]).mean()
-
-
-def l0_ratio(U: Tensor) -> Tensor:
-    r"""Fraction of zero coefficients (the paper's l0 ratio, higher is sparser).
-
-    Args:
-        U (Tensor): ``(..., K)`` coefficients.
-
-    Returns:
-        Tensor: scalar in [0, 1].
-    """
-    return (U == 0).float().mean()
 
 
 class Curve(NamedTuple):
@@ -149,8 +119,6 @@ class _Substitution:
 
 
 def _as_decomposer(decomposer, argument: str):
-    from .decompose import PFVDecomposer  # decompose imports this module
-
     if isinstance(decomposer, ConceptBasis):
         raise TypeError(f"{argument} must be a PFVDecomposer (a ConceptBasis has no Lasso); wrap it: PFVDecomposer(basis, alpha=...)")
     if not isinstance(decomposer, PFVDecomposer):
@@ -268,8 +236,6 @@ def _class_curve(deletion: bool, model, layer, decomposer, inputs, target, impor
             raise TypeError(f"the model must return (N, n_classes) scores; got {type(logits).__name__}")
         t = _targets(target, n, logits.shape[1], "class", inputs.device)
         if importance is None:
-            from .gig import GeneralizedIntegratedGradients
-
             gig = GeneralizedIntegratedGradients(model, name, dec, output="logit" if output == "logit" else "prob")
             chunk = batch_size or n
             with torch.enable_grad():
@@ -336,14 +302,14 @@ _CLASS_DOC = r"""
     """
 
 
-def concept_deletion(model: nn.Module, layer: LayerSpec, decomposer: "PFVDecomposer", inputs: Tensor, target: TargetSpec,
+def concept_deletion(model: nn.Module, layer: LayerSpec, decomposer: PFVDecomposer, inputs: Tensor, target: TargetSpec,
                      *, importance: Optional[Tensor] = None, steps: int = 20, output: str = "prob",
                      batch_size: Optional[int] = None, n_steps: int = 32, progress: bool = False) -> Curve:
     return _class_curve(True, model, layer, decomposer, inputs, target, importance, steps, output, batch_size,
                         n_steps, progress)
 
 
-def concept_insertion(model: nn.Module, layer: LayerSpec, decomposer: "PFVDecomposer", inputs: Tensor, target: TargetSpec,
+def concept_insertion(model: nn.Module, layer: LayerSpec, decomposer: PFVDecomposer, inputs: Tensor, target: TargetSpec,
                       *, importance: Optional[Tensor] = None, steps: int = 20, output: str = "prob",
                       batch_size: Optional[int] = None, n_steps: int = 32, progress: bool = False) -> Curve:
     return _class_curve(False, model, layer, decomposer, inputs, target, importance, steps, output, batch_size,
@@ -368,8 +334,6 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
     _check_common(model, inputs, steps, batch_size)
     dec_a = _as_decomposer(decomposer_a, "decomposer_a")
     if isinstance(decomposer_b, ConceptBasis):
-        from .decompose import PFVDecomposer
-
         decomposer_b = PFVDecomposer(decomposer_b)
     dec_b = _as_decomposer(decomposer_b, "decomposer_b")
     if not isinstance(n_random, int) or n_random < 1:
@@ -397,8 +361,6 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
         run = _Substitution(model, name_a, name_b)
         U = _prepare(run, dec_a, inputs, name_a, "decomposer_a")
         if importance is None:
-            from .gig import GeneralizedIntegratedGradients
-
             gig = GeneralizedIntegratedGradients(model, name_a, dec_a, name_b, dec_b)
             chunk = batch_size or n
             with torch.enable_grad():
@@ -500,7 +462,7 @@ _INTER_DOC = r"""
     """
 
 
-def interlayer_deletion(model: nn.Module, layer_a: LayerSpec, decomposer_a: "PFVDecomposer", layer_b: LayerSpec,
+def interlayer_deletion(model: nn.Module, layer_a: LayerSpec, decomposer_a: PFVDecomposer, layer_b: LayerSpec,
                         decomposer_b, inputs: Tensor, target_concept, *, importance: Optional[Tensor] = None,
                         steps: int = 20, n_random: int = 5, seed: int = 0, batch_size: Optional[int] = None,
                         n_steps: int = 32, progress: bool = False) -> InterlayerCurves:
@@ -508,7 +470,7 @@ def interlayer_deletion(model: nn.Module, layer_a: LayerSpec, decomposer_a: "PFV
                        steps, n_random, seed, batch_size, n_steps, progress)
 
 
-def interlayer_insertion(model: nn.Module, layer_a: LayerSpec, decomposer_a: "PFVDecomposer", layer_b: LayerSpec,
+def interlayer_insertion(model: nn.Module, layer_a: LayerSpec, decomposer_a: PFVDecomposer, layer_b: LayerSpec,
                          decomposer_b, inputs: Tensor, target_concept, *, importance: Optional[Tensor] = None,
                          steps: int = 20, n_random: int = 5, seed: int = 0, batch_size: Optional[int] = None,
                          n_steps: int = 32, progress: bool = False) -> InterlayerCurves:
