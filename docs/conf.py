@@ -139,7 +139,8 @@ def _api_pages() -> None:
         "gig": "Generalized Integrated Gradients", "aggregate": "Dataset-wide aggregation",
         "graph": "Concept graphs", "atlas": "Concept atlases", "ierf": "Effective receptive fields",
         "metrics": "Evaluation metrics", "preactivation": "Pre-activations", "extractors": "Alternative concept extractors",
-        "zoo": "Offline models and data", "distributed": "Distributed helpers", "cli": "Command line (Python entry points)",
+        "zoo": "Offline models and data", "distributed": "Distributed helpers", "pipeline": "The pipeline as a Python API",
+        "cli": "Command line (Python entry points)",
     }
     top = [n for n in captum_gig.__all__ if n != "__version__"]
     groups = {}
@@ -149,7 +150,7 @@ def _api_pages() -> None:
             continue
         mod = getattr(obj, "__module__", "captum_gig").split(".")[-1]
         groups.setdefault(mod, []).append(("captum_gig." + name, obj))
-    for mod in ("aggregate", "extractors", "zoo", "distributed", "cli"):
+    for mod in ("aggregate", "extractors", "zoo", "distributed", "pipeline", "cli"):
         try:
             module = importlib.import_module(f"captum_gig.{mod}")
         except ImportError:

@@ -90,7 +90,7 @@ def _model(ws):
 
 
 def _images(ws):
-    from captum_gig.cli import ImageData
+    from captum_gig._sources import ImageData
 
     settings = {"data": str(ws / "images"), "image_size": 16, "normalize": "none", "augment": 0, "seed": 0}
     return ImageData.open(settings, 3, warn=lambda m: None)

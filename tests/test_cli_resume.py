@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from captum_gig import cli
+from captum_gig import cli, pipeline
 from test_cli import common, workspace  # noqa: F401  (workspace: the CLI tests' model and images)
 
-STAGES = cli.STAGES
+STAGES = pipeline.STAGES
 
 
 def _tensor_artifacts(out):
@@ -62,7 +62,7 @@ def reference(workspace):
 @pytest.mark.slow
 def test_interrupted_at_every_stage_resumes_to_identical_results(workspace, reference, monkeypatch):
     out = workspace / "interrupted"
-    original = dict(cli.STAGE_FUNCTIONS)
+    original = dict(pipeline.STAGE_FUNCTIONS)
     for i, stage in enumerate(STAGES):
         # alternately before the stage wrote anything and after it wrote its artifacts
         def interrupted(run, _stage=stage, after_writing=i % 2 == 1):
@@ -70,13 +70,13 @@ def test_interrupted_at_every_stage_resumes_to_identical_results(workspace, refe
                 original[_stage](run)  # artifacts on disk, stage not yet marked complete
             raise KeyboardInterrupt
 
-        monkeypatch.setitem(cli.STAGE_FUNCTIONS, stage, interrupted)
+        monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, stage, interrupted)
         assert cli.main(["run"] + common(workspace, out.name)) == 130, stage
-        monkeypatch.setitem(cli.STAGE_FUNCTIONS, stage, original[stage])
+        monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, stage, original[stage])
         # the stages before this one are complete and are not recomputed on resume
         assert os.path.isfile(out / ".state" / f"{stage}.json") is False
     assert cli.main(["run"] + common(workspace, out.name)) == 0
-    status = {k: v["status"] for k, v in cli._read_json(str(out / "manifest.json"))["this_invocation"].items()}
+    status = {k: v["status"] for k, v in pipeline._read_json(str(out / "manifest.json"))["this_invocation"].items()}
     # every stage but the last was completed by a later call of the loop above
     assert status == {**{s: "resumed" for s in STAGES[:-1]}, STAGES[-1]: "computed"}
     _assert_same_results(out, reference)
@@ -99,6 +99,6 @@ def test_killed_by_sigterm_resumes_to_identical_results(workspace, reference):
     done_before = {s for s in STAGES if (out / ".state" / f"{s}.json").exists()}
     assert "extract" in done_before and done_before != set(STAGES)
     assert cli.main(["run"] + common(workspace, out.name)) == 0
-    status = {k: v["status"] for k, v in cli._read_json(str(out / "manifest.json"))["this_invocation"].items()}
+    status = {k: v["status"] for k, v in pipeline._read_json(str(out / "manifest.json"))["this_invocation"].items()}
     assert {s for s, v in status.items() if v == "resumed"} == done_before
     _assert_same_results(out, reference)

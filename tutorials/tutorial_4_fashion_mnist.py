@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt
 
 import captum_gig as cg
 from captum_gig import zoo
-from captum_gig.cli import load_class_attribution, main
+from captum_gig.cli import main
+from captum_gig.pipeline import load_class_attribution
 
 out = os.path.join(tempfile.mkdtemp(), "fashion-out")
 status = main(["run", "--model", "fashion-mnist-cnn", "--data", "fashion-mnist", "--limit", "24", "--by", "label",
@@ -45,7 +46,7 @@ for layer, d in json.load(open(os.path.join(out, "decomposition.json"))).items()
 # The same artifacts from Python
 # ------------------------------
 # PFV sets and bases load with their classes' ``load``; class-averaged GIG with
-# :func:`captum_gig.cli.load_class_attribution`; graphs with :meth:`ConceptGraph.from_json`.
+# :func:`captum_gig.pipeline.load_class_attribution`; graphs with :meth:`ConceptGraph.from_json`.
 basis = cg.ConceptBasis.load(os.path.join(out, "bases", "block3.safetensors"))
 ca = load_class_attribution(os.path.join(out, "attribution", "class", "block3.safetensors"))
 sneaker = zoo.FASHION_MNIST_CLASSES.index("Sneaker")
