@@ -7,6 +7,7 @@ from .decompose import DecompositionScore, PFVDecomposer, alpha_max
 from . import extractors  # registers the "kmeans", "dictionary" and "sae" extractors
 from .gig import GeneralizedIntegratedGradients
 from . import distributed
+from .baselines import ConceptAblation, ConceptGradientXCoefficient, ConceptMagnitude
 from .aggregate import ClassAttribution, class_attribution, interlayer_attribution
 from .graph import ConceptGraph
 from .ierf import IERFResult, ierf, receptive_fields
@@ -27,6 +28,9 @@ __all__ = [
     "__version__",
     "BisectingSphericalKMeans",
     "ClassAttribution",
+    "ConceptAblation",
+    "ConceptGradientXCoefficient",
+    "ConceptMagnitude",
     "ConceptAtlas",
     "ConceptBasis",
     "ConceptGraph",

@@ -1,7 +1,7 @@
 """Generalized Integrated Gradients (paper section 3.3, eq. 3-7)."""
 
 import warnings
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.attr import GradientAttribution, IntegratedGradients
@@ -200,7 +200,7 @@ class GeneralizedIntegratedGradients(GradientAttribution):
             additional = tuple(rest)
         return (self._readout(z, inputs, additional) * directions).sum(1)
 
-    def _endpoints(self, inputs: Tensor, additional: tuple, residual: bool) -> _Endpoints:
+    def _endpoints(self, inputs: Tensor, additional: tuple, residual: bool, coefficients: Optional[Tensor] = None) -> _Endpoints:
         if not self._checked_once:  # run_until cannot see a second call of a reused layer
             for layer in (self.layer_a, self.layer_b):
                 if layer is not None:
@@ -214,7 +214,16 @@ class GeneralizedIntegratedGradients(GradientAttribution):
                 f"layer_a {self.layer_a!r} has activation shape {tuple(X.shape)} but decomposer_a's basis has "
                 f"{dec.n_channels} channels"
             )
-        U = dec.transform(X)
+        if coefficients is None:
+            U = dec.transform(X)
+        else:  # the caller's Lasso solution for these inputs (one solve shared by several attributions)
+            expected = list(X.shape)
+            expected[_layout.channel_axis(X.dim())] = dec.n_concepts
+            expected = tuple(expected)
+            if not isinstance(coefficients, Tensor) or tuple(coefficients.shape) != expected:
+                raise ValueError(f"coefficients must be layer_a's coefficients of these inputs, shape {expected}; "
+                                 f"got {tuple(getattr(coefficients, 'shape', ()))}")
+            U = coefficients.to(device=X.device, dtype=X.dtype)
         X_tilde = dec.inverse_transform(U)
         beta = dec.basis.offset.to(device=X.device, dtype=X.dtype)
         baseline = _layout.move_channels_back(beta.expand(Xl.shape), X.dim()).contiguous()
@@ -238,6 +247,16 @@ class GeneralizedIntegratedGradients(GradientAttribution):
             )
         n = inputs.shape[0]
         return both[:n], both[n:]
+
+    def _readout_width(self, inputs: Tensor, additional: tuple) -> int:
+        """``D``, the length of the readout vector: layer ``b``'s channels, or the model's classes."""
+        if self.layer_b is not None:
+            return self.decomposer_b.n_channels
+        with frozen(self.model), torch.no_grad():
+            out = self.model(inputs[:1], *(a[:1] if isinstance(a, Tensor) and a.dim() > 0 else a for a in additional))
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            raise TypeError("with layer_b=None the model must return (N, n_classes) scores")
+        return out.shape[1]
 
     def _target_directions(self, targets: Tensor, width: int) -> Tensor:
         """Unit concept vectors of layer ``b`` or one-hot class vectors, ``(len(targets), D)``."""
@@ -293,6 +312,17 @@ class GeneralizedIntegratedGradients(GradientAttribution):
             return contrib.transpose(1, 2).reshape(contrib.shape[0], contrib.shape[2], *spatial)
         return contrib
 
+    def _integrated_gradient(self, ends: _Endpoints, extra: tuple, n_steps: int, method: str,
+                             internal_batch_size: Optional[int]) -> Tensor:
+        """``G-bar``: the gradient of the target score integrated along the path, by Captum's IG."""
+        ig = IntegratedGradients(self._score, multiply_by_inputs=False)
+        return ig.attribute(ends.end, baselines=ends.baseline, additional_forward_args=extra, n_steps=n_steps,
+                            method=method, internal_batch_size=internal_batch_size)
+
+    def _path(self, method: str, n_steps: int):
+        """``(step_sizes, alphas)`` of the path points for :meth:`attribute_matrix`."""
+        return path_points(method, n_steps)
+
     def _check_inputs(self, inputs, n_steps: int, additional) -> tuple:
         if not isinstance(inputs, Tensor):
             raise TypeError(f"inputs must be a tensor of images (N, ...); got {type(inputs).__name__}")
@@ -317,6 +347,7 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         return_convergence_delta: bool = False,
         per_position: bool = False,
         residual: bool = False,
+        coefficients: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         r"""GIG of every layer-``a`` concept to one target per example (eq. 5, 7).
 
@@ -340,6 +371,10 @@ class GeneralizedIntegratedGradients(GradientAttribution):
                         summing them. Default: False
             residual (bool, optional): integrate to the real activation and add
                         the residual node as the last column. Default: False
+            coefficients (Tensor, optional): layer ``a``'s Lasso coefficients of
+                        these inputs in the layer's layout (``(N, K_a, H, W)`` or
+                        ``(N, T, K_a)``), to share one solve between several
+                        attributions. Default: None (solved here)
 
         Returns:
             Tensor or (Tensor, Tensor):
@@ -352,20 +387,12 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         n = inputs.shape[0]
         with frozen(self.model):
             self._prepare_suffix()
-            ends = self._endpoints(inputs, additional, residual)
+            ends = self._endpoints(inputs, additional, residual, coefficients)
             s_end, s_start = self._readout_ends(ends, inputs, additional, end=return_convergence_delta)
             targets = self._check_targets(target, n, s_start.shape[1], s_start.device, per_example=True)
             directions = self._target_directions(targets, s_start.shape[1]).to(s_start)
             extra = (directions,) if self._suffix is not None else (inputs, directions) + additional
-            ig = IntegratedGradients(self._score, multiply_by_inputs=False)
-            Gbar = ig.attribute(
-                ends.end,
-                baselines=ends.baseline,
-                additional_forward_args=extra,
-                n_steps=n_steps,
-                method=method,
-                internal_batch_size=internal_batch_size,
-            )
+            Gbar = self._integrated_gradient(ends, extra, n_steps, method, internal_batch_size)
             attributions = self._project(Gbar, ends, residual, per_position)
         if not return_convergence_delta:
             return attributions
@@ -386,6 +413,7 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         residual: bool = False,
         vjp_batch_size: int = 32,
         max_memory: int = 2 * 1024**3,
+        coefficients: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         r"""GIG of every layer-``a`` concept to many targets at once: ``(N, K_a, T)``.
 
@@ -415,6 +443,8 @@ class GeneralizedIntegratedGradients(GradientAttribution):
             max_memory (int, optional): bytes for the accumulated integrated
                         gradients; more directions than fit are handled in
                         further passes over the path points. Default: 2 GiB
+            coefficients (Tensor, optional): layer ``a``'s coefficients of these
+                        inputs, as in :meth:`attribute`. Default: None
 
         Returns:
             Tensor or (Tensor, Tensor): ``(N, K_a (+1), T)`` and, with
@@ -424,14 +454,14 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         n = inputs.shape[0]
         with frozen(self.model):
             self._prepare_suffix()
-            ends = self._endpoints(inputs, additional, residual)
+            ends = self._endpoints(inputs, additional, residual, coefficients)
             s_end, s_start = self._readout_ends(ends, inputs, additional)
             width = s_end.shape[1]
             t_idx = self._check_targets(targets, n, width, s_end.device, per_example=False)
             target_dirs = self._target_directions(t_idx, width).to(s_end)  # (T, D)
             via_channels = target_dirs.shape[0] > width
             dirs = torch.eye(width, dtype=s_end.dtype, device=s_end.device) if via_channels else target_dirs
-            step_sizes, alphas = path_points(method, n_steps)
+            step_sizes, alphas = self._path(method, n_steps)
             steps_per_chunk = n_steps if internal_batch_size is None else max(1, internal_batch_size // n)
             per_dir = ends.end.numel() * ends.end.element_size()
             group = max(1, min(dirs.shape[0], max_memory // max(per_dir, 1)))

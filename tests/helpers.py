@@ -61,3 +61,18 @@ def make_decomposer(model, layer, images, k_factor=2, alpha_fraction=0.05, offse
     basis = ConceptBasis.fit(pfvs, k, offset=offset, seed=seed, progress=False)
     alpha = alpha_fraction * float(alpha_max(basis, pfvs.vectors).median())
     return PFVDecomposer(basis, alpha=alpha, tol=1e-6)
+
+
+class Smooth(nn.Module):
+    """A tiny float64 network with explicit parts, so the reference needs no hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.prefix = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh())
+        self.a = nn.Identity()
+        self.mid = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.Softplus(), nn.Conv2d(5, 3, 3, stride=2, padding=1))
+        self.b = nn.Identity()
+        self.head = nn.Sequential(nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+
+    def forward(self, x):
+        return self.head(self.b(self.mid(self.a(self.prefix(x)))))

@@ -2,25 +2,9 @@ import pytest
 import torch
 import torchvision
 from captum.attr import NoiseTunnel
-from torch import nn
 
 from captum_gig import ConceptBasis, GeneralizedIntegratedGradients, PFVDecomposer, _layout
-from helpers import SmallCNN, make_decomposer, randomize_bn, tiny_vit
-
-
-class Smooth(nn.Module):
-    """A tiny float64 network with explicit parts, so the reference needs no hooks."""
-
-    def __init__(self):
-        super().__init__()
-        self.prefix = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh())
-        self.a = nn.Identity()
-        self.mid = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.Softplus(), nn.Conv2d(5, 3, 3, stride=2, padding=1))
-        self.b = nn.Identity()
-        self.head = nn.Sequential(nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
-
-    def forward(self, x):
-        return self.head(self.b(self.mid(self.a(self.prefix(x)))))
+from helpers import SmallCNN, Smooth, make_decomposer, randomize_bn, tiny_vit
 
 
 def reference_gig(U, V, beta, spatial, score, steps=2000):
