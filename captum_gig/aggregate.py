@@ -20,7 +20,7 @@ from . import distributed as _dist
 from ._data import Data, count_shard, iter_shard
 from ._hooks import LayerSpec, frozen, model_device
 from .decompose import PFVDecomposer
-from .gig import GeneralizedIntegratedGradients
+from .baselines import attribution_class
 
 __all__ = ["ClassAttribution", "class_attribution", "interlayer_attribution"]
 
@@ -157,6 +157,7 @@ def class_attribution(
     attribute_to_layer_input: bool = False,
     residual: bool = False,
     progress: bool = True,
+    attribution: str = "gig",
 ) -> ClassAttribution:
     r"""Mean GIG of a layer's concepts to each image's class, per class (eq. 7 averaged).
 
@@ -194,6 +195,10 @@ def class_attribution(
         residual (bool, optional): integrate to the real activation; the
                     residual node becomes column ``K_a``. Default: False
         progress (bool, optional): progress bar (rank 0 only). Default: True
+        attribution (str, optional): ``"gig"`` or a baseline of
+                    :data:`captum_gig.baselines.ATTRIBUTIONS` (``"endpoint"``,
+                    ``"magnitude"``, ``"ablation"``) averaged the same way.
+                    Default: ``"gig"``
 
     Returns:
         ClassAttribution: ``classes (n,)``, ``mean (n, K_a)`` (``K_a + 1``
@@ -208,14 +213,14 @@ def class_attribution(
     """
     if by == "all":
         raise ValueError("by must be 'prediction' or 'label' for class_attribution (a class is the target)")
-    gig = GeneralizedIntegratedGradients(
+    gig = attribution_class(attribution)(
         model, layer, decomposer, output=output, attribute_to_layer_input=attribute_to_layer_input
     )
+    extra = {"residual": residual} if residual else {}
 
     def attribute(images: Tensor, cls: Tensor) -> Tensor:
-        return gig.attribute(
-            images, target=cls, n_steps=n_steps, method=method, internal_batch_size=internal_batch_size, residual=residual
-        )
+        return gig.attribute(images, target=cls, n_steps=n_steps, method=method, internal_batch_size=internal_batch_size,
+                             **extra)
 
     width = decomposer.n_concepts + (1 if residual else 0)
     return _accumulate(
@@ -241,6 +246,7 @@ def interlayer_attribution(
     attribute_to_layer_input: bool = False,
     residual: bool = False,
     progress: bool = True,
+    attribution: str = "gig",
     **matrix_kwargs,
 ) -> ClassAttribution:
     r"""Mean concept-to-concept GIG matrix between two layers, per class (eq. 5 averaged).
@@ -270,6 +276,8 @@ def interlayer_attribution(
         attribute_to_layer_input (bool, optional): layer ``a``'s PFVs are its input.
         residual (bool, optional): add the residual node as row ``K_a``.
         progress (bool, optional): progress bar (rank 0 only). Default: True
+        attribution (str, optional): ``"gig"`` or a baseline of
+                    :data:`captum_gig.baselines.ATTRIBUTIONS`. Default: ``"gig"``
         **matrix_kwargs: passed to ``attribute_matrix`` (``vjp_batch_size``, ``max_memory``).
 
     Returns:
@@ -280,7 +288,7 @@ def interlayer_attribution(
         >>> res = interlayer_attribution(model, "layer3.5", dec3, "layer4.2", dec4, loader, by="all")
         >>> res.mean[0].shape           # (K_a, K_b) averaged over the dataset
     """
-    gig = GeneralizedIntegratedGradients(
+    gig = attribution_class(attribution)(
         model, layer_a, decomposer_a, layer_b, decomposer_b, attribute_to_layer_input=attribute_to_layer_input
     )
     t_idx = None
@@ -295,7 +303,7 @@ def interlayer_attribution(
             n_steps=n_steps,
             method=method,
             internal_batch_size=internal_batch_size,
-            residual=residual,
+            **({"residual": True} if residual else {}),
             **matrix_kwargs,
         )
 

@@ -17,7 +17,8 @@ none the offset ``beta`` alone.
 """
 
 import warnings
-from typing import NamedTuple, Optional, Sequence, Union
+from types import MappingProxyType
+from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,7 @@ from ._hooks import LayerSpec, check_inputs, check_runs_once, frozen, replace, r
 from ._slicing import slice_between
 from ._scores import l0_ratio, relative_l2
 from .concepts import ConceptBasis
+from .baselines import attribution_class
 from .decompose import PFVDecomposer
 from .gig import GeneralizedIntegratedGradients
 
@@ -70,11 +72,14 @@ class InterlayerCurves(NamedTuple):
         auc_difference (float): how much better the GIG order is, positive when
                     GIG wins: ``random.auc - gig.auc`` for deletion,
                     ``gig.auc - random.auc`` for insertion.
+        baselines (mapping of str to Curve): the curves of the further orders asked
+                    for (``"endpoint"``, ``"magnitude"``, ...); empty by default.
     """
 
     gig: Curve
     random: Curve
     auc_difference: float
+    baselines: Mapping[str, Curve] = MappingProxyType({})
 
 
 def auc(fractions: Tensor, scores: Tensor) -> float:
@@ -209,21 +214,29 @@ def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, rank
     return scores
 
 
-def _prepare(run: _Substitution, dec, inputs: Tensor, layer_name: str, argument: str) -> Tensor:
+def _prepare(run: _Substitution, dec, inputs: Tensor, layer_name: str, argument: str,
+             coefficients: Optional[Tensor] = None) -> Tensor:
+    """Layer ``a``'s coefficients of ``inputs`` as ``(N, P, K)``: solved here, or the caller's checked."""
     X = check_runs_once(run.model, run.layer_a, inputs).detach()
     if _layout.move_channels_last(X).shape[-1] != dec.n_channels:
         raise ValueError(f"layer {layer_name!r} has activation shape {tuple(X.shape)} but {argument}'s basis has "
                          f"{dec.n_channels} channels")
     run.spatial = _layout.spatial_shape(X)
-    U = dec.transform(X)
-    return _layout.to_pfvs(U)  # (N, P, K)
+    if coefficients is None:
+        return _layout.to_pfvs(dec.transform(X))
+    expected = list(X.shape)
+    expected[_layout.channel_axis(X.dim())] = dec.n_concepts
+    if not isinstance(coefficients, Tensor) or list(coefficients.shape) != expected:
+        raise ValueError(f"coefficients must be {layer_name!r}'s coefficients of these inputs, shape {tuple(expected)}; "
+                         f"got {tuple(getattr(coefficients, 'shape', ()))}")
+    return _layout.to_pfvs(coefficients.to(device=X.device, dtype=X.dtype))
 
 
 # --------------------------------------------------------------------------- C-Deletion / C-Insertion
 
 
 def _class_curve(deletion: bool, model, layer, decomposer, inputs, target, importance, steps, output, batch_size,
-                 n_steps, progress) -> Curve:
+                 n_steps, progress, coefficients=None) -> Curve:
     _check_common(model, inputs, steps, batch_size)
     dec = _as_decomposer(decomposer, "decomposer")
     if output not in ("prob", "logit", "accuracy"):
@@ -239,11 +252,12 @@ def _class_curve(deletion: bool, model, layer, decomposer, inputs, target, impor
             gig = GeneralizedIntegratedGradients(model, name, dec, output="logit" if output == "logit" else "prob")
             chunk = batch_size or n
             with torch.enable_grad():
-                parts = [gig.attribute(inputs[i : i + chunk], target=t[i : i + chunk], n_steps=n_steps)
+                parts = [gig.attribute(inputs[i : i + chunk], target=t[i : i + chunk], n_steps=n_steps,
+                                       coefficients=None if coefficients is None else coefficients[i : i + chunk])
                          for i in range(0, n, chunk)]
             importance = torch.cat(parts).mean(0)  # (K,): class GIG averaged over inputs (eq. 7)
         run = _Substitution(model, name, None)
-        U = _prepare(run, dec, inputs, name, "decomposer")
+        U = _prepare(run, dec, inputs, name, "decomposer", coefficients)
         ranks = _ranks(importance.to(U.device), n, dec.n_concepts)
         fractions, counts = _fractions(steps, dec.n_concepts, U.device)
 
@@ -289,6 +303,9 @@ _CLASS_DOC = r"""
         n_steps (int, optional): GIG path points for the default importance.
                     Default: 32
         progress (bool, optional): show a progress bar. Default: False
+        coefficients (Tensor, optional): ``layer``'s Lasso coefficients of
+                    ``inputs`` in the layer's layout, when already solved (one
+                    solve shared by several curves). Default: None
 
     Returns:
         Curve: ``fractions (steps + 1,)``, ``scores (steps + 1,)`` (mean over
@@ -304,16 +321,18 @@ _CLASS_DOC = r"""
 
 def concept_deletion(model: nn.Module, layer: LayerSpec, decomposer: PFVDecomposer, inputs: Tensor, target: TargetSpec,
                      *, importance: Optional[Tensor] = None, steps: int = 20, output: str = "prob",
-                     batch_size: Optional[int] = None, n_steps: int = 32, progress: bool = False) -> Curve:
+                     batch_size: Optional[int] = None, n_steps: int = 32, progress: bool = False,
+                     coefficients: Optional[Tensor] = None) -> Curve:
     return _class_curve(True, model, layer, decomposer, inputs, target, importance, steps, output, batch_size,
-                        n_steps, progress)
+                        n_steps, progress, coefficients)
 
 
 def concept_insertion(model: nn.Module, layer: LayerSpec, decomposer: PFVDecomposer, inputs: Tensor, target: TargetSpec,
                       *, importance: Optional[Tensor] = None, steps: int = 20, output: str = "prob",
-                      batch_size: Optional[int] = None, n_steps: int = 32, progress: bool = False) -> Curve:
+                      batch_size: Optional[int] = None, n_steps: int = 32, progress: bool = False,
+                      coefficients: Optional[Tensor] = None) -> Curve:
     return _class_curve(False, model, layer, decomposer, inputs, target, importance, steps, output, batch_size,
-                        n_steps, progress)
+                        n_steps, progress, coefficients)
 
 
 concept_deletion.__doc__ = (
@@ -329,8 +348,18 @@ concept_insertion.__doc__ = (
 # --------------------------------------------------------------------------- inter-layer
 
 
+def _check_importance(importance, targets: list, argument: str) -> Tensor:
+    importance = torch.as_tensor(importance)
+    if len(targets) == 1 and importance.dim() in (1, 2):
+        importance = importance.unsqueeze(0)
+    if importance.shape[0] != len(targets):
+        raise ValueError(f"{argument} needs a leading axis of {len(targets)} targets; got {tuple(importance.shape)}")
+    return importance
+
+
 def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decomposer_b, inputs, target_concept,
-                importance, steps, n_random, seed, batch_size, n_steps, progress) -> InterlayerCurves:
+                importance, steps, n_random, seed, batch_size, n_steps, progress, baselines=(),
+                coefficients=None) -> InterlayerCurves:
     _check_common(model, inputs, steps, batch_size)
     dec_a = _as_decomposer(decomposer_a, "decomposer_a")
     if isinstance(decomposer_b, ConceptBasis):
@@ -349,33 +378,36 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
     if not targets or min(targets) < 0 or max(targets) >= dec_b.n_concepts:
         raise ValueError(f"target_concept {targets} out of range: decomposer_b has {dec_b.n_concepts} concepts")
     n, k = inputs.shape[0], dec_a.n_concepts
-    if importance is not None:
-        importance = torch.as_tensor(importance)
-        if len(targets) == 1 and importance.dim() in (1, 2):
-            importance = importance.unsqueeze(0)
-        if importance.shape[0] != len(targets):
-            raise ValueError(f"importance needs a leading axis of {len(targets)} targets; got {tuple(importance.shape)}")
+    given = dict(baselines) if isinstance(baselines, dict) else {name: None for name in baselines}
+    if "gig" in given or "random" in given:
+        raise ValueError("baselines name the orders compared with GIG and random; 'gig' and 'random' are always there")
+    orders = {"gig": importance, **given}
+    for name, value in orders.items():
+        if value is not None:
+            orders[name] = _check_importance(value, targets, "importance" if name == "gig" else f"baselines[{name!r}]")
+        elif name != "gig":
+            attribution_class(name)  # an unknown name fails before any work
 
     with frozen(model), torch.no_grad():
         check_runs_once(model, name_b, inputs)
         run = _Substitution(model, name_a, name_b)
-        U = _prepare(run, dec_a, inputs, name_a, "decomposer_a")
-        if importance is None:
-            gig = GeneralizedIntegratedGradients(model, name_a, dec_a, name_b, dec_b)
-            chunk = batch_size or n
-            with torch.enable_grad():
-                parts = [gig.attribute_matrix(inputs[i : i + chunk], targets=targets, n_steps=n_steps)
-                         for i in range(0, n, chunk)]
-            importance = torch.cat(parts).permute(2, 0, 1)  # (T, N, K_a): per-input GIG to each target
+        U = _prepare(run, dec_a, inputs, name_a, "decomposer_a", coefficients)
+        layer_U = _layout.from_pfvs(U, run.spatial)  # one Lasso solve for every order computed here
+        chunk = batch_size or n
+        for name, value in orders.items():
+            if value is None:  # per-input attribution of each layer-a concept to each target (eq. 5)
+                method = attribution_class(name)(model, name_a, dec_a, name_b, dec_b)
+                with torch.enable_grad():
+                    parts = [method.attribute_matrix(inputs[i : i + chunk], targets=targets, n_steps=n_steps,
+                                                     coefficients=layer_U[i : i + chunk])
+                             for i in range(0, n, chunk)]
+                orders[name] = torch.cat(parts).permute(2, 0, 1)  # (T, N, K_a)
         V_b = dec_b.basis.normalized_vectors.to(U)
         beta_b = dec_b.basis.offset.to(U)
         fractions, counts = _fractions(steps, k, U.device)
         # the reference: layer b's max projection with layer a at its full reconstruction
-        full = torch.zeros(1, dtype=torch.long, device=U.device)
-        if deletion:
-            ref_counts = full
-        else:
-            ref_counts = torch.full((1,), k, dtype=torch.long, device=U.device)
+        ref_counts = torch.zeros(1, dtype=torch.long, device=U.device) if deletion else \
+            torch.full((1,), k, dtype=torch.long, device=U.device)
 
         gen = torch.Generator().manual_seed(seed)
         random_ranks = []
@@ -384,7 +416,8 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
             r = torch.empty_like(perm)
             r[perm] = torch.arange(k, device=U.device)
             random_ranks.append(r.unsqueeze(0).expand(n, k))
-        gig_scores, random_scores = [], []
+        scores = {name: [] for name in orders}
+        random_scores = []
         desc = "Inter-layer deletion" if deletion else "Inter-layer insertion"
         for j, t in enumerate(targets):
             direction = V_b[t]
@@ -403,20 +436,25 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
             if not bool(valid.all()):
                 warnings.warn(f"target concept {t}: {int((~valid).sum())} of {n} inputs have no positive "
                               "projection on it and are left out")
-            ranks = _ranks(importance[j].to(U.device), n, k)
-            s = _substituted_scores(run, dec_a, inputs, U, ranks, counts, deletion, readout, batch_size, progress, desc)
-            gig_scores.append((s[:, valid] / ref[valid]).mean(1))
+            for name, value in orders.items():
+                ranks = _ranks(value[j].to(U.device), n, k, "importance" if name == "gig" else f"baselines[{name!r}]")
+                x = _substituted_scores(run, dec_a, inputs, U, ranks, counts, deletion, readout, batch_size,
+                                        progress and name == "gig", desc)
+                scores[name].append((x[:, valid] / ref[valid]).mean(1))
             rs = [
                 _substituted_scores(run, dec_a, inputs, U, r, counts, deletion, readout, batch_size, False, desc)
                 for r in random_ranks
             ]
             random_scores.append(torch.stack([(x[:, valid] / ref[valid]).mean(1) for x in rs]).mean(0))
-    g = torch.stack(gig_scores).mean(0)
+    curves = {}
+    for name, per_target in scores.items():
+        mean = torch.stack(per_target).mean(0)
+        curves[name] = Curve(fractions, mean, auc(fractions, mean))
     r = torch.stack(random_scores).mean(0)
-    gig_curve = Curve(fractions, g, auc(fractions, g))
     random_curve = Curve(fractions, r, auc(fractions, r))
+    gig_curve = curves.pop("gig")
     diff = random_curve.auc - gig_curve.auc if deletion else gig_curve.auc - random_curve.auc
-    return InterlayerCurves(gig_curve, random_curve, diff)
+    return InterlayerCurves(gig_curve, random_curve, diff, curves)
 
 
 _INTER_DOC = r"""
@@ -450,10 +488,19 @@ _INTER_DOC = r"""
         batch_size (int, optional): (step, input) rows per forward. Default: None
         n_steps (int, optional): GIG path points. Default: 32
         progress (bool, optional): show a progress bar. Default: False
+        baselines (sequence of str or dict, optional): further orders to
+                    compare, by name of an attribution in
+                    :data:`captum_gig.baselines.ATTRIBUTIONS` (``"endpoint"``,
+                    ``"magnitude"``, ``"ablation"``; computed per input like GIG)
+                    or as ``{name: importance}`` with the shapes of
+                    ``importance``. Default: () (GIG and random only)
+        coefficients (Tensor, optional): ``layer_a``'s Lasso coefficients of
+                    ``inputs`` in the layer's layout, when already solved. Default: None
 
     Returns:
-        InterlayerCurves: ``gig`` and ``random`` :class:`Curve` and the
-        ``auc_difference`` (positive when the GIG order beats random).
+        InterlayerCurves: ``gig`` and ``random`` :class:`Curve`, the
+        ``auc_difference`` (positive when the GIG order beats random) and one
+        curve per baseline in ``baselines``.
 
     Examples::
 
@@ -465,17 +512,19 @@ _INTER_DOC = r"""
 def interlayer_deletion(model: nn.Module, layer_a: LayerSpec, decomposer_a: PFVDecomposer, layer_b: LayerSpec,
                         decomposer_b, inputs: Tensor, target_concept, *, importance: Optional[Tensor] = None,
                         steps: int = 20, n_random: int = 5, seed: int = 0, batch_size: Optional[int] = None,
-                        n_steps: int = 32, progress: bool = False) -> InterlayerCurves:
+                        n_steps: int = 32, progress: bool = False,
+                        baselines=(), coefficients: Optional[Tensor] = None) -> InterlayerCurves:
     return _interlayer(True, model, layer_a, decomposer_a, layer_b, decomposer_b, inputs, target_concept, importance,
-                       steps, n_random, seed, batch_size, n_steps, progress)
+                       steps, n_random, seed, batch_size, n_steps, progress, baselines, coefficients)
 
 
 def interlayer_insertion(model: nn.Module, layer_a: LayerSpec, decomposer_a: PFVDecomposer, layer_b: LayerSpec,
                          decomposer_b, inputs: Tensor, target_concept, *, importance: Optional[Tensor] = None,
                          steps: int = 20, n_random: int = 5, seed: int = 0, batch_size: Optional[int] = None,
-                         n_steps: int = 32, progress: bool = False) -> InterlayerCurves:
+                         n_steps: int = 32, progress: bool = False,
+                         baselines=(), coefficients: Optional[Tensor] = None) -> InterlayerCurves:
     return _interlayer(False, model, layer_a, decomposer_a, layer_b, decomposer_b, inputs, target_concept, importance,
-                       steps, n_random, seed, batch_size, n_steps, progress)
+                       steps, n_random, seed, batch_size, n_steps, progress, baselines, coefficients)
 
 
 interlayer_deletion.__doc__ = (

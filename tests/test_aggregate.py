@@ -114,3 +114,21 @@ def test_bad_arguments(setup):
         interlayer_attribution(model, "block2", dec2, "block3", dec3, images, by="all", classes=[1], progress=False)
     with pytest.raises(KeyError):
         ClassAttribution(torch.tensor([0]), torch.zeros(1, 2), torch.tensor([1])).of(3)
+
+
+def test_baseline_attributions_are_averaged_the_same_way(setup):
+    from captum_gig import ConceptGradientXCoefficient, ConceptMagnitude
+
+    model, images, labels, dec2, dec3 = setup
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    for name, cls in (("endpoint", ConceptGradientXCoefficient), ("magnitude", ConceptMagnitude)):
+        res = class_attribution(model, "block3", dec3, loader, by="label", attribution=name, progress=False)
+        direct = cls(model, "block3", dec3)
+        expected = {c: direct.attribute(images[labels == c], target=c).mean(0) for c in sorted(set(labels.tolist()))}
+        _assert_matches(res, expected, {c: int((labels == c).sum()) for c in expected})
+    inter = interlayer_attribution(model, "block2", dec2, "block3", dec3, loader, by="all", targets=[0, 3],
+                                   attribution="endpoint", progress=False)
+    eg = ConceptGradientXCoefficient(model, "block2", dec2, "block3", dec3)
+    torch.testing.assert_close(inter.mean[0], eg.attribute_matrix(images, targets=[0, 3]).mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="attribution must be one of"):
+        class_attribution(model, "block3", dec3, loader, by="label", attribution="lrp", progress=False)

@@ -192,6 +192,39 @@ def test_interlayer_multiple_targets_and_seeded_random(cnn):
     assert r1.auc_difference == pytest.approx(r1.random.auc - r1.gig.auc)
 
 
+def test_interlayer_baselines_share_the_machinery_and_given_orders_are_used(cnn):
+    model, images, dec2 = cnn
+    dec3 = make_decomposer(model, "block3", images, k_factor=1).basis
+    kw = dict(steps=4, n_random=2, n_steps=8)
+    res = interlayer_deletion(model, "block2", dec2, "block3", dec3, images, [0, 1],
+                              baselines=("endpoint", "magnitude", "ablation"), **kw)
+    assert sorted(res.baselines) == ["ablation", "endpoint", "magnitude"]
+    plain = interlayer_deletion(model, "block2", dec2, "block3", dec3, images, [0, 1], **kw)
+    torch.testing.assert_close(res.gig.scores, plain.gig.scores)  # the baselines change nothing else
+    # a baseline given as an order is the same as GIG given that order
+    from captum_gig import ConceptMagnitude
+
+    mag = ConceptMagnitude(model, "block2", dec2, "block3", dec3).attribute_matrix(images, targets=[0, 1])
+    order = mag.permute(2, 0, 1)
+    as_gig = interlayer_deletion(model, "block2", dec2, "block3", dec3, images, [0, 1], importance=order, **kw)
+    torch.testing.assert_close(res.baselines["magnitude"].scores, as_gig.gig.scores)
+    with pytest.raises(ValueError, match="always there"):
+        interlayer_deletion(model, "block2", dec2, "block3", dec3, images, 0, baselines=("random",), **kw)
+
+
+def test_planted_interlayer_baselines_on_a_linear_transition():
+    """Layer a -> b is linear before b's ReLU: GIG, the endpoint gradient and the ablation give one order."""
+    torch.manual_seed(0)
+    model = Planted().eval()
+    x = torch.rand(6, 16, 8, 8) + 0.1
+    dec_a = PFVDecomposer(ConceptBasis(torch.eye(16)), alpha=1e-3)
+    basis_b = ConceptBasis(torch.eye(4))
+    res = interlayer_insertion(model, "a", dec_a, "b", basis_b, x, 0, steps=16, n_random=4,
+                               baselines=("endpoint", "ablation"))
+    for name in ("endpoint", "ablation"):
+        torch.testing.assert_close(res.baselines[name].scores, res.gig.scores)
+
+
 def test_auc_trapezoid():
     assert auc(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([1.0, 1.0, 0.0])) == pytest.approx(0.75)
 
