@@ -1,5 +1,6 @@
 """Pointwise feature vectors (PFVs) collected over a dataset (paper section 3.1, appendix C)."""
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -205,7 +206,7 @@ def _resolve_targets(target, logits: Optional[Tensor], labels: Optional[Tensor],
 
 def collect_pfvs(
     model: nn.Module,
-    layer: LayerSpec,
+    layer: Union[LayerSpec, Sequence[LayerSpec]],
     data: Data,
     *,
     sampling: str = "relevance",
@@ -216,7 +217,7 @@ def collect_pfvs(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
-) -> PFVSet:
+) -> Union[PFVSet, Dict[str, PFVSet]]:
     r"""Collect pointwise feature vectors of ``layer`` over a dataset (paper 3.1, app. C).
 
     For every image, ``per_image`` positions of the layer's activation are
@@ -229,11 +230,18 @@ def collect_pfvs(
     background dominating the PFV set. ``"uniform"`` draws positions uniformly
     and ``"all"`` keeps every position.
 
+    Several layers at once (a list) share every pass over the data: one
+    forward records all their activations and one relevance attribution
+    (Captum's multi-layer form: one more forward and one backward) serves all
+    of them, where one layer at a time costs those passes per layer. The PFVs
+    are the same as layer by layer.
+
     Args:
         model (nn.Module): the image model; run in eval mode, restored afterwards.
-        layer (nn.Module or str): the layer (or its dotted name) whose output
-                    (or input, see ``attribute_to_layer_input``) is a
-                    ``(N, C, H, W)``, ``(N, T, C)`` or ``(N, C)`` tensor.
+        layer (nn.Module, str or list of them): the layer (or its dotted name)
+                    whose output (or input, see ``attribute_to_layer_input``)
+                    is a ``(N, C, H, W)``, ``(N, T, C)`` or ``(N, C)`` tensor;
+                    or a list of layers.
         data (Tensor or iterable): images ``(N, ...)``, or a DataLoader /
                     iterable yielding image batches or ``(images, labels)``.
                     Batches are moved to the model's device.
@@ -248,8 +256,8 @@ def collect_pfvs(
                     input instead of its output (Captum's convention).
                     Default: False
         relevance_method (callable, optional): a Captum layer attribution
-                    class, called as ``relevance_method(model, layer)``.
-                    Default: ``LayerGradientXActivation``
+                    class, called as ``relevance_method(model, layer)`` (with a
+                    list of layers for several). Default: ``LayerGradientXActivation``
         batch_size (int, optional): batch size used when ``data`` is a tensor.
                     Default: 32
         seed (int, optional): draws depend only on ``(seed, image index)``.
@@ -257,7 +265,8 @@ def collect_pfvs(
         progress (bool, optional): show a progress bar. Default: True
 
     Returns:
-        PFVSet: ``vectors (M, C)`` with ``M = n_images * per_image`` (or
+        PFVSet, or a dict ``{layer name: PFVSet}`` for a list of layers:
+        ``vectors (M, C)`` with ``M = n_images * per_image`` (or
         ``n_images * positions`` for ``"all"``), their image indices and positions.
 
     Examples::
@@ -267,25 +276,34 @@ def collect_pfvs(
         >>> pfvs = collect_pfvs(model, "layer3", images, per_image=2)
         >>> pfvs.vectors.shape
         torch.Size([16, 256])
+        >>> both = collect_pfvs(model, ["layer2", "layer3"], images, per_image=2)   # one pass for both
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")
     if not isinstance(per_image, int) or per_image < 1:
         raise ValueError(f"per_image must be a positive int; got {per_image!r}")
-    name, module = resolve_layer(model, layer)
+    several = isinstance(layer, (list, tuple))
+    if several and not layer:
+        raise ValueError("layer is an empty list; name at least one layer")
+    resolved = [resolve_layer(model, spec) for spec in (layer if several else [layer])]
+    names = [name for name, _ in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"layer lists a layer twice: {names}")
+    modules = [module for _, module in resolved]
     device = model_device(model)
-    parts: Dict[str, List[Tensor]] = {k: [] for k in ("vectors", "image_index", "position", "labels", "target", "relevance")}
-    spatial: Optional[Tuple[int, ...]] = None
+    keys = ("vectors", "image_index", "position", "labels", "target", "relevance")
+    parts: Dict[str, Dict[str, List[Tensor]]] = {name: {k: [] for k in keys} for name in names}
+    spatial: Dict[str, Tuple[int, ...]] = {}
+    n_channels: Dict[str, int] = {}
     n_images = 0
     has_labels = True
 
     rank, world = _dist.rank(), _dist.world_size()
-    n_channels: Optional[int] = None
     with frozen(model):
         bar = tqdm(
             total=count_shard(data, batch_size, rank, world),
             disable=not progress or not _dist.is_main_process(),
-            desc=f"PFVs of {name}",
+            desc=f"PFVs of {', '.join(names)}",
             unit="batch",
         )
         try:
@@ -295,77 +313,88 @@ def collect_pfvs(
                 n = images.shape[0]
                 has_labels = has_labels and labels is not None
                 with torch.no_grad():
-                    if sampling == "relevance":
-                        with tap(model, module, attribute_to_layer_input) as record:
+                    if sampling == "relevance" or len(modules) > 1:
+                        with ExitStack() as stack:
+                            records = [stack.enter_context(tap(model, m, attribute_to_layer_input)) for m in modules]
                             logits = model(images)
-                        activation = record.value
+                        activations = [r.value for r in records]
+                        if sampling != "relevance":
+                            logits = None
                     elif batch_number == 0:
                         logits = None
-                        activation = check_runs_once(model, module, images, attribute_to_layer_input=attribute_to_layer_input)
+                        activations = [check_runs_once(model, modules[0], images,
+                                                       attribute_to_layer_input=attribute_to_layer_input)]
                     else:
                         logits = None
-                        activation = run_until(model, module, images, attribute_to_layer_input=attribute_to_layer_input)
-                pfvs = _layout.to_pfvs(activation.detach())  # (n, P, C)
-                if spatial is None:
-                    spatial = _layout.spatial_shape(activation)
-                    n_channels = pfvs.shape[2]
-                n_pos = pfvs.shape[1]
-                if sampling != "all" and per_image > n_pos:
-                    raise ValueError(f"per_image={per_image} exceeds the {n_pos} positions of layer {name!r}")
-
-                relevance = torch.zeros(n, n_pos, device=pfvs.device)
+                        activations = [run_until(model, modules[0], images, attribute_to_layer_input=attribute_to_layer_input)]
                 targets = torch.full((n,), -1, dtype=torch.long, device=device)
+                relevances: List[Optional[Tensor]] = [None] * len(modules)
                 if sampling == "relevance":
                     targets = _resolve_targets(target, logits, labels, n, device)
-                    attributor = relevance_method(model, module)
-                    attr = attributor.attribute(images, target=targets, attribute_to_layer_input=attribute_to_layer_input)
-                    if isinstance(attr, tuple):
-                        attr = attr[0]
-                    relevance = _layout.to_pfvs(attr.detach()).sum(-1).clamp_min(0)
-
-                if sampling == "all":
-                    chosen = torch.arange(n_pos, device=pfvs.device).expand(n, n_pos)
-                else:
-                    chosen = _sample_positions(relevance, per_image, first, seed, uniform=sampling == "uniform")
-                    chosen = chosen.to(pfvs.device)
-                k = chosen.shape[1]
-                rows = torch.arange(n, device=pfvs.device).unsqueeze(1).expand(n, k)
-                parts["vectors"].append(pfvs[rows, chosen].reshape(n * k, -1))
-                parts["position"].append(chosen.reshape(-1).long().cpu())
-                parts["image_index"].append((torch.arange(n).unsqueeze(1) + first).expand(n, k).reshape(-1))
-                lab = labels.cpu().long() if labels is not None else torch.full((n,), -1, dtype=torch.long)
-                parts["labels"].append(lab.unsqueeze(1).expand(n, k).reshape(-1))
-                parts["target"].append(targets.cpu().unsqueeze(1).expand(n, k).reshape(-1))
-                parts["relevance"].append(relevance[rows, chosen].reshape(-1).float().cpu())
+                    attributor = relevance_method(model, modules if len(modules) > 1 else modules[0])
+                    attrs = attributor.attribute(images, target=targets, attribute_to_layer_input=attribute_to_layer_input)
+                    if len(modules) == 1:
+                        attrs = [attrs[0] if isinstance(attrs, tuple) else attrs]
+                    for j, attr in enumerate(attrs):
+                        attr = attr[0] if isinstance(attr, (tuple, list)) else attr
+                        relevances[j] = _layout.to_pfvs(attr.detach()).sum(-1).clamp_min(0)
+                for j, (name, activation) in enumerate(zip(names, activations)):
+                    pfvs = _layout.to_pfvs(activation.detach())  # (n, P, C)
+                    if name not in spatial:
+                        spatial[name] = _layout.spatial_shape(activation)
+                        n_channels[name] = pfvs.shape[2]
+                    n_pos = pfvs.shape[1]
+                    if sampling != "all" and per_image > n_pos:
+                        raise ValueError(f"per_image={per_image} exceeds the {n_pos} positions of layer {name!r}")
+                    relevance = relevances[j] if relevances[j] is not None else torch.zeros(n, n_pos, device=pfvs.device)
+                    if sampling == "all":
+                        chosen = torch.arange(n_pos, device=pfvs.device).expand(n, n_pos)
+                    else:
+                        chosen = _sample_positions(relevance, per_image, first, seed, uniform=sampling == "uniform")
+                        chosen = chosen.to(pfvs.device)
+                    k = chosen.shape[1]
+                    rows = torch.arange(n, device=pfvs.device).unsqueeze(1).expand(n, k)
+                    part = parts[name]
+                    part["vectors"].append(pfvs[rows, chosen].reshape(n * k, -1))
+                    part["position"].append(chosen.reshape(-1).long().cpu())
+                    part["image_index"].append((torch.arange(n).unsqueeze(1) + first).expand(n, k).reshape(-1))
+                    lab = labels.cpu().long() if labels is not None else torch.full((n,), -1, dtype=torch.long)
+                    part["labels"].append(lab.unsqueeze(1).expand(n, k).reshape(-1))
+                    part["target"].append(targets.cpu().unsqueeze(1).expand(n, k).reshape(-1))
+                    part["relevance"].append(relevance[rows, chosen].reshape(-1).float().cpu())
                 n_images += n
                 bar.update(1)
         finally:
             bar.close()
 
-    if world > 1:
-        parts, n_images, spatial, has_labels = _gather_parts(parts, n_images, spatial, n_channels, has_labels)
-    if n_images == 0:
-        raise ValueError("data yielded no images")
     meta = {
         "sampling": sampling,
         "per_image": per_image if sampling != "all" else None,
         "seed": seed,
-        "n_images": n_images,
         "model": type(model).__name__,
         "attribute_to_layer_input": attribute_to_layer_input,
         "relevance_method": getattr(relevance_method, "__name__", str(relevance_method)) if sampling == "relevance" else None,
     }
-    return PFVSet(
-        vectors=torch.cat(parts["vectors"]),
-        image_index=torch.cat(parts["image_index"]),
-        position=torch.cat(parts["position"]),
-        labels=torch.cat(parts["labels"]) if has_labels else None,
-        target=torch.cat(parts["target"]),
-        relevance=torch.cat(parts["relevance"]),
-        layer=name,
-        spatial_shape=spatial or (),
-        meta=meta,
-    )
+    out: Dict[str, PFVSet] = {}
+    total = n_images
+    for name in names:
+        part, grid, labelled = parts[name], spatial.get(name), has_labels
+        if world > 1:
+            part, total, grid, labelled = _gather_parts(part, n_images, grid, n_channels.get(name), has_labels)
+        if total == 0:
+            raise ValueError("data yielded no images")
+        out[name] = PFVSet(
+            vectors=torch.cat(part["vectors"]),
+            image_index=torch.cat(part["image_index"]),
+            position=torch.cat(part["position"]),
+            labels=torch.cat(part["labels"]) if labelled else None,
+            target=torch.cat(part["target"]),
+            relevance=torch.cat(part["relevance"]),
+            layer=name,
+            spatial_shape=grid or (),
+            meta=dict(meta, n_images=total),
+        )
+    return out if several else out[names[0]]
 
 
 def _gather_parts(parts, n_images, spatial, n_channels, has_labels):

@@ -180,3 +180,22 @@ def test_concat_and_subset():
     assert len(c) == 6 and torch.equal(c[4:].vectors, b.vectors)
     with pytest.raises(ValueError, match="cannot concatenate"):
         PFVSet.concat([a, PFVSet(torch.randn(1, 5), torch.arange(1), torch.zeros(1, dtype=torch.long), "y", (2, 2))])
+
+
+@pytest.mark.parametrize("sampling", ["relevance", "uniform"])
+def test_several_layers_in_one_pass_equal_one_layer_at_a_time(sampling):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=7).eval()
+    images = torch.randn(5, 3, 48, 48)
+    layers = ["layer1.1", "layer2.0", "layer3.1"]
+    together = collect_pfvs(model, layers, images, sampling=sampling, per_image=3, batch_size=2, progress=False)
+    assert list(together) == layers
+    for name in layers:
+        alone = collect_pfvs(model, name, images, sampling=sampling, per_image=3, batch_size=2, progress=False)
+        mine = together[name]
+        assert torch.equal(mine.position, alone.position) and torch.equal(mine.image_index, alone.image_index)
+        torch.testing.assert_close(mine.vectors, alone.vectors)
+        torch.testing.assert_close(mine.relevance, alone.relevance)
+        assert mine.layer == name and mine.spatial_shape == alone.spatial_shape
+    with pytest.raises(ValueError, match="twice"):
+        collect_pfvs(model, ["layer1.1", "layer1.1"], images, progress=False)
