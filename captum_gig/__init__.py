@@ -10,6 +10,7 @@ from . import distributed
 from .baselines import ConceptAblation, ConceptGradientXCoefficient, ConceptMagnitude
 from .aggregate import ClassAttribution, class_attribution, interlayer_attribution
 from .graph import ConceptGraph
+from .diagnostics import ConceptDiagnostics, concept_diagnostics
 from .ierf import IERFResult, ierf, receptive_fields
 from .metrics import (
     Curve,
@@ -33,6 +34,7 @@ __all__ = [
     "ConceptMagnitude",
     "ConceptAtlas",
     "ConceptBasis",
+    "ConceptDiagnostics",
     "ConceptGraph",
     "Curve",
     "InterlayerCurves",
@@ -45,6 +47,7 @@ __all__ = [
     "batchnorm_offset",
     "class_attribution",
     "collect_pfvs",
+    "concept_diagnostics",
     "distributed",
     "interlayer_attribution",
     "concept_localisation",
