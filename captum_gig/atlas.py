@@ -16,16 +16,15 @@ import base64
 import io
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from captum.attr import IntegratedGradients, LayerAttribution
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ._hooks import LayerSpec, resolve_layer
+from ._hooks import LayerSpec, model_device, resolve_layer
 from ._io import atomic_write_text
 from ._version import __version__
 from .ierf import ierf
@@ -112,16 +111,39 @@ class ConceptAtlas:
         )
 
     @staticmethod
-    def nearest(basis, pfvs, top_k: int, concepts: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
-        """Indices ``(n_concepts, k)`` of the PFVs most cosine-similar to each concept, and the similarities."""
+    def nearest(basis, pfvs, top_k: int, concepts: Optional[Sequence[int]] = None,
+                distinct_images: bool = False) -> Tuple[Tensor, Tensor]:
+        """Indices ``(n_concepts, k)`` of the PFVs most cosine-similar to each concept, and the similarities.
+
+        With ``distinct_images`` at most one PFV per image (its most similar) is
+        taken, so a concept's examples come from ``k`` different images where
+        there are that many.
+        """
         V = basis.vectors
         X = pfvs.vectors.to(V) - basis.offset.to(V)
         if concepts is not None:
             V = V[torch.as_tensor(list(concepts), dtype=torch.long, device=V.device)]
         sim = F.normalize(V, dim=1) @ F.normalize(X, dim=1).t()  # (n_concepts, N)
         k = min(top_k, X.shape[0])
-        values, index = sim.topk(k, dim=1)
-        return index, values
+        if not distinct_images:
+            values, index = sim.topk(k, dim=1)
+            return index, values
+        images = pfvs.image_index.to(sim.device)
+        order = sim.argsort(dim=1, descending=True)
+        rows = []
+        for j in range(sim.shape[0]):
+            seen, picked = set(), []
+            for i in order[j].tolist():
+                image = int(images[i])
+                if image not in seen:
+                    seen.add(image)
+                    picked.append(i)
+                    if len(picked) == k:
+                        break
+            rows.append(picked)
+        k = min(len(r) for r in rows)  # the images available bound every concept alike
+        index = torch.tensor([r[:k] for r in rows], dtype=torch.long, device=sim.device)
+        return index, sim.gather(1, index)
 
     @classmethod
     def build(
@@ -130,9 +152,10 @@ class ConceptAtlas:
         layer: LayerSpec,
         basis,
         pfvs,
-        images: Tensor,
+        images: Union[Tensor, Callable[[Sequence[int]], Tensor]],
         *,
         top_k: int = 8,
+        distinct_images: bool = False,
         labels: Optional[Tensor] = None,
         class_names: Optional[Sequence[str]] = None,
         concepts: Optional[Sequence[int]] = None,
@@ -152,9 +175,15 @@ class ConceptAtlas:
             layer (nn.Module or str): the layer of ``basis`` and ``pfvs``.
             basis (ConceptBasis): the concepts (``K`` vectors).
             pfvs (PFVSet): PFVs of the layer with image indices and positions.
-            images (Tensor): ``(N_images, C, H, W)`` model inputs, indexed by
-                        ``pfvs.image_index`` (the order collect_pfvs saw them).
+            images (Tensor or callable): ``(N_images, C, H, W)`` model inputs,
+                        indexed by ``pfvs.image_index`` (the order collect_pfvs
+                        saw them), or a function ``indices -> (n, C, H, W)``
+                        that loads just the images the atlas shows (a dataset
+                        too large to hold at once).
             top_k (int, optional): nearest PFVs per concept. Default: 8
+            distinct_images (bool, optional): each concept's examples from
+                        different images (the most similar PFV of each).
+                        Default: False
             labels (Tensor, optional): ``(N_images,)`` labels; default
                         ``pfvs.labels``.
             class_names (list of str, optional): label -> name.
@@ -179,13 +208,18 @@ class ConceptAtlas:
             raise ValueError(f"pfvs are of layer {pfvs.layer!r}, not {name!r}")
         if basis.n_channels != pfvs.n_channels:
             raise ValueError(f"basis has {basis.n_channels} channels but pfvs have {pfvs.n_channels}")
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            raise ValueError(f"images must be a (N_images, C, H, W) tensor; got {getattr(images, 'shape', type(images))}")
-        if int(pfvs.image_index.max()) >= images.shape[0]:
-            raise ValueError(
-                f"pfvs refer to image {int(pfvs.image_index.max())} but images holds {images.shape[0]}: pass the "
-                "images in the order collect_pfvs read them"
-            )
+        if isinstance(images, Tensor):
+            if images.dim() != 4:
+                raise ValueError(f"images must be a (N_images, C, H, W) tensor; got {tuple(images.shape)}")
+            if int(pfvs.image_index.max()) >= images.shape[0]:
+                raise ValueError(
+                    f"pfvs refer to image {int(pfvs.image_index.max())} but images holds {images.shape[0]}: pass the "
+                    "images in the order collect_pfvs read them"
+                )
+            held = images
+            images = lambda idx: held[torch.as_tensor(idx, dtype=torch.long).to(held.device)]  # noqa: E731
+        elif not callable(images):
+            raise ValueError(f"images must be a (N_images, C, H, W) tensor or a loader function; got {type(images).__name__}")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive int; got {top_k!r}")
         chosen = list(range(basis.n_concepts)) if concepts is None else [int(c) for c in concepts]
@@ -194,12 +228,15 @@ class ConceptAtlas:
                 raise ValueError(f"concepts: {c} is not a concept of the basis ({basis.n_concepts} concepts)")
         if attribute_kwargs is None:
             attribute_kwargs = {"n_steps": 16} if method is IntegratedGradients else {}
-        index, cosine = cls.nearest(basis, pfvs, top_k, chosen)
+        index, cosine = cls.nearest(basis, pfvs, top_k, chosen, distinct_images)
         unique = torch.unique(index.flatten()).cpu()
         img_idx = pfvs.image_index[unique].long().cpu()
         pos = pfvs.position[unique].long().cpu()
+        needed, copy = torch.unique(img_idx, return_inverse=True)  # each image loaded once
+        shown = images(needed.tolist())
+        shown = shown[copy.to(shown.device)].to(model_device(model))
         res = ierf(
-            model, module, images[img_idx.to(images.device)], pos, method=method,
+            model, module, shown, pos, method=method,
             attribute_to_layer_input=attribute_to_layer_input, offset=basis.offset, context=context,
             crop_size=crop_size, batch_size=batch_size, display=display, attribute_kwargs=attribute_kwargs,
             progress=progress,
@@ -230,7 +267,8 @@ class ConceptAtlas:
             entries[c] = items
             crops[c] = rgb[rows]
         meta = {"top_k": top_k, "method": getattr(method, "__name__", str(method)), "context": context,
-                "crop_size": crop_size, "image_size": list(images.shape[2:]), "n_pfvs": len(pfvs)}
+                "crop_size": crop_size, "image_size": list(shown.shape[2:]), "n_pfvs": len(pfvs),
+                "distinct_images": distinct_images}
         return cls(name, entries, crops, meta)
 
     # -- pictures -----------------------------------------------------------------------------

@@ -54,6 +54,29 @@ def test_nearest_pfvs_match_sklearn_cosine_ranking(setup):
         assert [e["cosine"] for e in atlas.entries[k]] == pytest.approx(sim[k][got].tolist(), abs=1e-5)
 
 
+def test_distinct_images_and_an_image_loader(setup):
+    model, images, pfvs, basis, atlas = setup
+    loaded = []
+
+    def load(indices):
+        loaded.extend(indices)
+        return images[torch.as_tensor(indices)]
+
+    distinct = ConceptAtlas.build(model, "2", basis, pfvs, load, top_k=4, distinct_images=True,
+                                  method=InputXGradient, crop_size=12, progress=False)
+    X = F.normalize(pfvs.vectors - basis.offset, dim=1)
+    V = F.normalize(basis.vectors, dim=1)
+    for k in distinct.concepts:
+        items = distinct.entries[k]
+        shown = [e["image"] for e in items]
+        assert len(set(shown)) == len(shown) == 4  # four different images
+        # each is its image's most similar PFV, and the images come in order of that best similarity
+        sim = (X @ V[k])
+        best = {int(i): float(sim[pfvs.image_index == i].max()) for i in pfvs.image_index.unique()}
+        assert [e["cosine"] for e in items] == pytest.approx(sorted(best.values(), reverse=True)[:4], abs=1e-5)
+    assert len(loaded) == len(set(loaded))  # each image loaded once, and only those shown
+
+
 def test_entries_carry_source_image_labels_and_ierf_crops(setup):
     model, images, pfvs, basis, atlas = setup
     k = 2
