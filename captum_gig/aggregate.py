@@ -37,11 +37,28 @@ class ClassAttribution(NamedTuple):
                     (concept to layer-``b`` concept) mean GIG over the images
                     of each class.
         counts (Tensor): ``(n,)`` int64, images per class.
+        targets (Tensor or None): ``(n, T)`` int64, the layer-``b`` concept of
+                    each column of ``mean`` per class, where the columns differ
+                    between classes (``-1`` pads); None when the columns are
+                    the same for every class.
     """
 
     classes: Tensor
     mean: Tensor
     counts: Tensor
+    targets: Optional[Tensor] = None
+
+    def columns(self, cls: int, concepts: Sequence[int]) -> Tensor:
+        """``(K_a, len(concepts))``: class ``cls``'s mean GIG to the layer-``b`` ``concepts`` (per-class columns)."""
+        row = self.of(cls)
+        if self.targets is None:
+            return row[:, torch.as_tensor(list(concepts), dtype=torch.long)]
+        r = int((self.classes == int(cls)).nonzero()[0, 0])
+        where = {int(t): j for j, t in enumerate(self.targets[r].tolist()) if t >= 0}
+        missing = [int(t) for t in concepts if int(t) not in where]
+        if missing:
+            raise KeyError(f"class {cls}: GIG to concepts {missing} was not computed (columns: {sorted(where)})")
+        return row[:, [where[int(t)] for t in concepts]]
 
     def of(self, cls: int) -> Tensor:
         """The mean attribution of class ``cls``: ``(K_a,)`` or ``(K_a, T)``."""

@@ -26,7 +26,7 @@ reference):
 
 import json
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -236,6 +236,56 @@ class ConceptGraph:
         meta,
     ) -> "ConceptGraph":
         """Top-down selection; ``columns(i, cols)`` gives ``(K_i, len(cols))`` GIG of layer i to layer i+1's ``cols``."""
+        steps = cls.selection(layers, class_attribution, target=targets, top_k=top_k, n_shared=n_shared,
+                              class_names=class_names, meta=meta)
+        request = next(steps)
+        while True:
+            try:
+                request = steps.send(columns(*request))
+            except StopIteration as done:
+                return done.value
+
+    @classmethod
+    def selection(
+        cls,
+        layers: Sequence[str],
+        class_attribution: Tensor,
+        *,
+        target,
+        top_k: int = 5,
+        n_shared: int = 3,
+        class_names: Optional[Sequence[str]] = None,
+        meta: Optional[Dict[str, Any]] = None,
+    ) -> Generator[Tuple[int, List[int]], Tensor, "ConceptGraph"]:
+        r"""The top-down concept selection as a generator, for GIG computed only where the graph needs it.
+
+        From the last layer down, the generator yields ``(i, columns)``: it
+        needs the ``(K_i, len(columns))`` GIG of layer ``i``'s concepts to the
+        concepts ``columns`` of layer ``i + 1`` (the ones chosen there) and
+        receives it by ``send``. When every layer is chosen it returns the
+        graph (``StopIteration.value``). :meth:`from_attributions` and
+        :meth:`build` drive it; a caller that builds many graphs over a dataset
+        can advance them together and attribute each image to the few
+        concepts the graphs keep instead of all ``K_{i+1}`` of them.
+
+        Args:
+            layers, class_attribution, target, top_k, n_shared, class_names, meta:
+                        as in :meth:`from_attributions`.
+
+        Examples::
+
+            >>> steps = ConceptGraph.selection(layers, class_gig, target=3)
+            >>> i, cols = next(steps)                        # layer i's GIG to these concepts of i + 1
+            >>> i, cols = steps.send(gig_matrix[:, cols])    # ... until StopIteration gives the graph
+        """
+        layers = [str(layer) for layer in layers]
+        targets = _as_targets(target)
+        class_attribution = torch.as_tensor(class_attribution).detach().to("cpu", torch.float64)
+        if class_attribution.dim() == 1:
+            class_attribution = class_attribution.unsqueeze(0)
+        if class_attribution.dim() != 2 or class_attribution.shape[0] != len(targets):
+            raise ValueError(f"class_attribution must hold one row per class of target={targets}; "
+                             f"got shape {tuple(class_attribution.shape)}")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a positive int; got {top_k!r}")
         if not isinstance(n_shared, int) or n_shared < 0:
@@ -266,7 +316,7 @@ class ConceptGraph:
         for i in range(L - 1, -1, -1):
             layer = layers[i]
             if i < L - 1:
-                G = columns(i, above_all).to(torch.float64)  # (K_i, |above|)
+                G = torch.as_tensor((yield i, list(above_all))).detach().to("cpu", torch.float64)  # (K_i, |above|)
                 if G.shape[1] != len(above_all):
                     raise ValueError(f"GIG of layer {layer!r} has {G.shape[1]} columns for {len(above_all)} targets")
                 scale = G.abs().sum(0)

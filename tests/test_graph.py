@@ -201,3 +201,26 @@ def test_build_over_a_loader_averages_like_one_batch(setup):
     assert [n["id"] for n in a.nodes] == [n["id"] for n in b.nodes] and b.meta["n_inputs"] == 3
     scale = max(abs(e["gig"]) for e in a.edges)  # float32 Lasso: batch composition moves the last digits
     assert [e["gig"] for e in b.edges] == pytest.approx([e["gig"] for e in a.edges], rel=1e-4, abs=1e-5 * scale)
+
+
+def test_selection_driven_step_by_step_equals_from_attributions():
+    from captum_gig import ConceptGraph
+
+    g = torch.Generator().manual_seed(5)
+    layers = ["l0", "l1", "l2"]
+    ca = torch.randn(2, 9, generator=g)
+    inter = [torch.randn(7, 8, generator=g), torch.randn(8, 9, generator=g)]
+    want = ConceptGraph.from_attributions(layers, ca, inter, target=(0, 1), top_k=3, n_shared=2)
+    steps = ConceptGraph.selection(layers, ca, target=(0, 1), top_k=3, n_shared=2)
+    asked = []
+    request = next(steps)
+    try:
+        while True:
+            i, cols = request
+            asked.append((i, cols))
+            request = steps.send(inter[i][:, cols])  # only the columns the graph keeps
+    except StopIteration as done:
+        got = done.value
+    assert got == want
+    assert [i for i, _ in asked] == [1, 0]  # from the top layer down
+    assert asked[0][1] == want.concepts("l2") and asked[1][1] == want.concepts("l1")
