@@ -56,11 +56,14 @@ class Curve(NamedTuple):
                     or inserted (insertion), from 0 to 1.
         scores (Tensor): ``(S,)`` score at each fraction, mean over inputs.
         auc (float): area under the curve (trapezoid rule over ``fractions``).
+        per_input (Tensor or None): ``(N,)`` each input's own AUC (NaN for an
+                    input left out), for comparing orders image by image.
     """
 
     fractions: Tensor
     scores: Tensor
     auc: float
+    per_input: Optional[Tensor] = None
 
 
 class InterlayerCurves(NamedTuple):
@@ -80,6 +83,11 @@ class InterlayerCurves(NamedTuple):
     random: Curve
     auc_difference: float
     baselines: Mapping[str, Curve] = MappingProxyType({})
+
+
+def _aucs(fractions: Tensor, scores: Tensor) -> Tensor:
+    """Per-column AUCs of ``scores (S, N)`` (trapezoid over ``fractions``), float64 on the CPU."""
+    return torch.trapezoid(scores.detach().double().cpu(), fractions.detach().double().cpu(), dim=0)
 
 
 def auc(fractions: Tensor, scores: Tensor) -> float:
@@ -271,7 +279,7 @@ def _class_curve(deletion: bool, model, layer, decomposer, inputs, target, impor
         desc = "C-Deletion" if deletion else "C-Insertion"
         per_input = _substituted_scores(run, dec, inputs, U, ranks, counts, deletion, readout, batch_size, progress, desc)
     scores = per_input.mean(1)
-    return Curve(fractions, scores, auc(fractions, scores))
+    return Curve(fractions, scores, auc(fractions, scores), _aucs(fractions, per_input))
 
 
 _CLASS_DOC = r"""
@@ -417,6 +425,7 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
             r[perm] = torch.arange(k, device=U.device)
             random_ranks.append(r.unsqueeze(0).expand(n, k))
         scores = {name: [] for name in orders}
+        per_input = {name: [] for name in orders}
         random_scores = []
         desc = "Inter-layer deletion" if deletion else "Inter-layer insertion"
         for j, t in enumerate(targets):
@@ -441,6 +450,9 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
                 x = _substituted_scores(run, dec_a, inputs, U, ranks, counts, deletion, readout, batch_size,
                                         progress and name == "gig", desc)
                 scores[name].append((x[:, valid] / ref[valid]).mean(1))
+                normalised = torch.full_like(x, float("nan"))
+                normalised[:, valid] = x[:, valid] / ref[valid]
+                per_input[name].append(_aucs(fractions, normalised))
             rs = [
                 _substituted_scores(run, dec_a, inputs, U, r, counts, deletion, readout, batch_size, False, desc)
                 for r in random_ranks
@@ -449,7 +461,8 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
     curves = {}
     for name, per_target in scores.items():
         mean = torch.stack(per_target).mean(0)
-        curves[name] = Curve(fractions, mean, auc(fractions, mean))
+        # each input's AUC averaged over the targets it has (NaN where it has none)
+        curves[name] = Curve(fractions, mean, auc(fractions, mean), torch.stack(per_input[name]).nanmean(0))
     r = torch.stack(random_scores).mean(0)
     random_curve = Curve(fractions, r, auc(fractions, r))
     gig_curve = curves.pop("gig")

@@ -296,3 +296,16 @@ def test_bad_arguments(cnn):
         concept_deletion(model, "block2", dec.basis, images, 0)
     with pytest.raises(ValueError, match="target_concept"):
         interlayer_deletion(model, "block1", dec, "block2", dec, images, 10**6)
+
+
+def test_per_input_aucs_average_to_the_curve_auc(cnn):
+    model, images, dec2 = cnn
+    with torch.no_grad():
+        pred = model(images).argmax(1)
+    curve = concept_deletion(model, "block2", dec2, images, pred, steps=5)
+    assert curve.per_input.shape == (images.shape[0],)
+    assert float(curve.per_input.mean()) == pytest.approx(curve.auc, abs=1e-6)  # the trapezoid rule is linear
+    dec3 = make_decomposer(model, "block3", images, k_factor=1).basis
+    res = interlayer_insertion(model, "block2", dec2, "block3", dec3, images, 0, steps=4, n_random=1, n_steps=8)
+    valid = ~torch.isnan(res.gig.per_input)
+    assert float(res.gig.per_input[valid].mean()) == pytest.approx(res.gig.auc, abs=1e-6)
