@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs captum-gig for development into ./.venv:
 #   1. the Debian packages some tests and examples use (when apt-get is available):
-#      dataset-fashion-mnist (a real dataset, offline), chromium (browser tests) and
+#      dataset-fashion-mnist (a real dataset, offline), opencv-doc (its ~100 sample photos: the
+#      demo uses the photographs among them), chromium (browser tests) and
 #      libjs-mathjax (the docs render their math without network);
 #   2. the package with all extras, torch pinned by constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DEBIAN_PACKAGES="dataset-fashion-mnist chromium libjs-mathjax"
+DEBIAN_PACKAGES="dataset-fashion-mnist opencv-doc chromium libjs-mathjax"
 if command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

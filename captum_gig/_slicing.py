@@ -10,6 +10,7 @@ full forward.
 """
 
 import operator
+import weakref
 from typing import Optional, Set
 
 import torch.fx as fx
@@ -55,7 +56,26 @@ def slice_between(
 
     ``z`` stands for ``a``'s output, or with ``attribute_to_layer_input`` for
     the first input of ``a``. Returns ``None`` where slicing is not possible.
+    Slices are kept per model while its modules stay the same (tracing a
+    ResNet50 costs more than a short attribution).
     """
+    structure = tuple((name, type(m)) for name, m in model.named_modules())
+    key = (layer_a, layer_b, attribute_to_layer_input, structure)
+    try:
+        cached = _CACHE.setdefault(model, {})
+    except TypeError:  # not weak-referenceable
+        cached = {}
+    if key not in cached:
+        cached[key] = _trace_slice(model, layer_a, layer_b, attribute_to_layer_input)
+    return cached[key]
+
+
+#: traced slices per model (dropped with the model)
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _trace_slice(model: nn.Module, layer_a: str, layer_b: Optional[str],
+                 attribute_to_layer_input: bool) -> Optional[fx.GraphModule]:
     keep = {layer_a} | ({layer_b} if layer_b else set())
     try:
         graph = _Tracer(keep).trace(model)

@@ -130,7 +130,8 @@ class ImageData:
     """Images of one data source, loaded lazily, with labels, names and the count of skipped files."""
 
     def __init__(self, n: int, getter: Callable[[int], Tensor], labels: Optional[Tensor], names: List[str],
-                 class_names: Optional[List[str]], skipped: int = 0, skipped_files: Optional[List[str]] = None):
+                 class_names: Optional[List[str]], skipped: int = 0, skipped_files: Optional[List[str]] = None,
+                 sources: Optional[Tensor] = None):
         self.n = n
         self._get = getter
         self.labels = labels
@@ -138,6 +139,8 @@ class ImageData:
         self.class_names = class_names
         self.skipped = skipped
         self.skipped_files = skipped_files or []
+        #: ``(n,)`` the source image of every image (augmented copies share their original's)
+        self.sources = sources if sources is not None else torch.arange(n)
 
     def __len__(self) -> int:
         return self.n
@@ -235,7 +238,8 @@ class ImageData:
         return cls(len(readable), get, labels, names, classes or None, len(skipped), skipped)
 
     def augmented(self, copies: int, seed: int) -> "ImageData":
-        """Each image followed by ``copies`` variants (a mirror image, then random crops of it)."""
+        """Each image followed by ``copies`` variants: its mirror image, then random crops of 40-95% of its side
+        (scaled back to full size, half of them mirrored)."""
         if copies <= 0:
             return self
         k = copies + 1
@@ -249,7 +253,7 @@ class ImageData:
             g = torch.Generator().manual_seed(seed * 1_000_003 + j)
             if v > 1:
                 h, w = img.shape[-2:]
-                scale = 0.6 + 0.3 * torch.rand(1, generator=g).item()
+                scale = 0.4 + 0.55 * torch.rand(1, generator=g).item()  # zoomed in 1.05-2.5x
                 ch, cw = max(1, int(h * scale)), max(1, int(w * scale))
                 top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
                 left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
@@ -259,7 +263,8 @@ class ImageData:
 
         labels = self.labels.repeat_interleave(k) if self.labels is not None else None
         names = [f"{n}" if v == 0 else f"{n}#{v}" for n in self.names for v in range(k)]
-        return ImageData(self.n * k, get, labels, names, self.class_names, self.skipped, self.skipped_files)
+        return ImageData(self.n * k, get, labels, names, self.class_names, self.skipped, self.skipped_files,
+                         self.sources.repeat_interleave(k))
 
 
 class Batches:

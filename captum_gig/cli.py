@@ -15,7 +15,8 @@ Stages (``run`` does them all, in order)::
     graph      concept atlases and ConceptGraphs (JSON, PNG, HTML) for a class, an image, a class pair
     evaluate   C-Deletion / C-Insertion and inter-layer deletion curves (evaluation/)
 
-and ``demo`` runs them all on EfficientNet-Lite0 and real photos, offline.
+and ``demo`` runs them all, offline, on the whole of Fashion-MNIST and on EfficientNet-Lite0 with real photos
+(:mod:`captum_gig.demo`).
 
 Examples::
 
@@ -35,10 +36,10 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .distributed import is_main_process
-from ._sources import NORMALIZATIONS, list_layers, load_model
+from ._sources import NORMALIZATIONS, list_layers, load_model  # noqa: F401  (load_model: public here before)
 from ._version import __version__
-from .pipeline import (DEFAULTS, DEMO_SETTINGS, STAGES, Config, Pipeline, PipelineError, _read_json, load_class_attribution,
-                       load_coefficients)
+from .pipeline import (DEFAULTS, STAGES, Config, Pipeline, PipelineError, _read_json,  # noqa: F401
+                       load_class_attribution, load_coefficients)
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -57,6 +58,10 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="an ImageFolder directory (one sub-folder per class, or a flat folder), "
                                   "'photos' (bundled real photos) or 'fashion-mnist'")
     g.add_argument("--split", choices=["train", "test"], help="fashion-mnist split (default: test)")
+    g.add_argument("--fit-data", help="images whose PFVs the concepts are fitted on, when not --data "
+                                      "(e.g. the training set; --data is then held out)")
+    g.add_argument("--fit-split", choices=["train", "test"], help="fashion-mnist split of the fit data")
+    g.add_argument("--fit-limit", type=int, help="use at most this many fit images")
     g.add_argument("--limit", type=int, help="use at most this many images")
     g.add_argument("--augment", type=int, help="add this many mirrored / cropped variants of every image (default: 0)")
     g.add_argument("--image-size", type=int, help="input side in pixels (default: 224, 28 for Fashion-MNIST)")
@@ -78,15 +83,27 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", choices=["logit", "prob"], help="class score for GIG (default: logit)")
     g.add_argument("--classes", nargs="+", help="restrict class attributions to these classes (indices or names)")
     g.add_argument("--class-layers", choices=["last", "all"], help="layers whose GIG to classes is computed (default: last)")
-    g.add_argument("--graph", action="append", help="graph target: class:<c>, pair:<a>,<b>, image:<i> or auto "
+    g.add_argument("--attribute-images", type=int, help="class GIG on a class-stratified subset of this many images "
+                                                        "(default: every image)")
+    g.add_argument("--interlayer", choices=["graph", "all"], help="GIG between layers to the concepts the graphs keep, "
+                                                                 "or to every concept (default: graph)")
+    g.add_argument("--interlayer-images", type=int, help="images per class for the GIG between layers (default: 64)")
+    g.add_argument("--graph", action="append", help="graph target: class:<c>, class:all, pair:<a>,<b>, image:<i> or auto "
                                                     "(repeatable; default: auto = most frequent class, most confident image, top class pair)")
     g.add_argument("--top-k", type=int, help="concepts per layer in a graph (default: 5)")
     g.add_argument("--atlas-top", type=int, help="example patches per concept in the atlas (default: 6)")
     g.add_argument("--ierf", choices=["ig", "ixg", "saliency"], help="Captum method of the atlas crops' iERFs: "
                    "IntegratedGradients, InputXGradient or Saliency (default: ig)")
-    g.add_argument("--atlas-images", type=int, help="images searched for atlas patches (default: 2000)")
+    g.add_argument("--atlas-images", type=int, help="fit images searched for atlas patches (default: 2000)")
+    g.add_argument("--diversity-top", type=int, help="members per concept in the image-diversity diagnostic (default: 16)")
     g.add_argument("--eval-steps", type=int, help="points of the deletion / insertion curves (default: 10)")
-    g.add_argument("--eval-images", type=int, help="images of the evaluated class (default: 16)")
+    g.add_argument("--eval-images", type=int, help="images evaluated, class-stratified (default: 16)")
+    g.add_argument("--eval-seeds", type=int, help="evaluate this many subsets, drawn with seeds seed, seed+1, ... "
+                                                  "(the AUCs' spread; default: 1)")
+    g.add_argument("--eval-pairs", choices=["last", "all"], help="layer transitions of the inter-layer curves (default: last)")
+    g.add_argument("--eval-targets", type=int, help="layer-b concepts per class the inter-layer curves follow (default: 3)")
+    g.add_argument("--baselines", nargs="*", help="attributions compared with GIG wherever concepts are ordered: "
+                                                  "endpoint, magnitude, ablation (default: endpoint magnitude)")
     g = p.add_argument_group("running")
     g.add_argument("--out", default=None, help="output folder (default: captum-gig-out; demo: captum-gig-demo)")
     g.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
@@ -101,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="captum-gig",
         description="Generalized Integrated Gradients (arXiv 2409.01610) over a dataset: PFVs, concepts, "
                     "sparse decompositions, GIG attributions, concept graphs and their evaluation.",
-        epilog="Run `captum-gig demo` for the whole pipeline on EfficientNet-Lite0 and real photos (offline).",
+        epilog="Run `captum-gig demo` for the whole pipeline on Fashion-MNIST and on EfficientNet-Lite0 with real "
+               "photos (offline, about 5 minutes on 2 CPU cores).",
     )
     parser.add_argument("--version", action="version", version=f"captum-gig {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -114,15 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
         "graph": "concept atlases and ConceptGraphs (JSON, PNG, HTML)",
         "evaluate": "C-Deletion / C-Insertion and inter-layer deletion / insertion curves",
         "run": "all stages, resuming from what exists, and an index.html report",
-        "demo": "the whole pipeline on EfficientNet-Lite0 and bundled real photos (offline, a few minutes)",
+        "demo": "the whole pipeline on Fashion-MNIST and on EfficientNet-Lite0 with real photos (offline, ~5 minutes)",
     }
     for name, text in helps.items():
+        if name == "demo":  # fixed settings: only the running options apply
+            demo = sub.add_parser(name, help=text, description=text)
+            g = demo.add_argument_group("running")
+            g.add_argument("--out", default=None, help="output folder (default: captum-gig-demo)")
+            g.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+            g.add_argument("--force", action="store_true", help="recompute what exists")
+            g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+            g.add_argument("--quick", action="store_true", help="small sizes (seconds; for tests)")
+            continue
         sub.add_parser(name, parents=[common], help=text, description=text)
     return parser
 
 
-def _settings(args: argparse.Namespace, out: str, demo: bool) -> Config:
-    """Defaults, then the demo's, then what OUT/config.json remembers, then the options given."""
+def _settings(args: argparse.Namespace, out: str) -> Config:
+    """Defaults, then what OUT/config.json remembers, then the options given."""
     stored: Dict[str, Any] = {}
     cfg = os.path.join(out, "config.json")
     if os.path.isfile(cfg):
@@ -131,8 +158,6 @@ def _settings(args: argparse.Namespace, out: str, demo: bool) -> Config:
         except (OSError, ValueError) as err:
             raise CLIError(f"{cfg} is unreadable ({err}); delete it or use another --out") from None
     s = dict(DEFAULTS)
-    if demo:
-        s.update(DEMO_SETTINGS)
     s.update({k: v for k, v in stored.items() if k in DEFAULTS})
     s.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None})
     return Config(**s).resolved()
@@ -178,7 +203,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _main(args, argv: List[str], demo: bool, out: str) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        config = _settings(args, out, demo)
+        if demo:
+            from .demo import run_demo
+
+            report = run_demo(out, quick=args.quick, device=device, quiet=args.quiet, force=args.force,
+                              command=["captum-gig"] + argv)
+            if not args.quiet:
+                print(f"captum-gig: demo report in {os.path.abspath(report)}")
+            return 0
+        config = _settings(args, out)
         run = Pipeline(config, out, quiet=args.quiet, device=device, force=args.force, command=["captum-gig"] + argv)
         settings = run.s
         if args.list_layers:
@@ -190,12 +223,12 @@ def _main(args, argv: List[str], demo: bool, out: str) -> int:
                 example = torch.zeros(1, run.in_channels, size, size)
             print(list_layers(model, example.to(run.device)))
             return 0
-        stages = STAGES if args.command in ("run", "demo") else [args.command]
+        stages = STAGES if args.command == "run" else [args.command]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was written by captum_gig.*")
             for name in stages:
                 run.stage(name)
-        report = run.report() if args.command in ("run", "demo") else None
+        report = run.report() if args.command == "run" else None
         run.write_manifest()
         if not args.quiet and is_main_process():
             print(_summary(run, report))

@@ -194,7 +194,8 @@ def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, rank
     ``U`` is ``(N, P, K)``, ``ranks`` ``(N, K)``; at step ``s`` the concepts of
     rank ``< counts[s]`` are removed (deletion) or are the only ones kept
     (insertion). ``readout(out, rows_inputs_index)`` maps the forward's output
-    to one number per row.
+    to one number per row, or to ``T`` numbers (then ``(S, N, T)``: one forward
+    serves several targets).
     """
     n, p, k = U.shape
     spatial = run.spatial
@@ -204,7 +205,7 @@ def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, rank
     rows = batch_size or max(S, 64)
     b = max(1, min(n, rows // S)) if rows >= S else 1
     s_chunk = max(1, min(S, rows // b))
-    scores = torch.empty(S, n, dtype=U.dtype, device=U.device)
+    scores: Optional[Tensor] = None
     chunks = [(i0, s0) for i0 in range(0, n, b) for s0 in range(0, S, s_chunk)]
     for i0, s0 in tqdm(chunks, disable=not progress, desc=desc, unit="batch"):
         idx = torch.arange(i0, min(n, i0 + b), device=U.device)
@@ -218,7 +219,10 @@ def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, rank
         rep_inputs = inputs[idx].repeat(c.shape[0], *([1] * (inputs.dim() - 1)))
         out = run(z, rep_inputs)
         row_input = idx.repeat(c.shape[0])
-        scores[s0 : s0 + c.shape[0], i0 : i0 + idx.shape[0]] = readout(out, row_input).view(c.shape[0], -1)
+        value = readout(out, row_input)
+        if scores is None:
+            scores = torch.empty(S, n, *value.shape[1:], dtype=U.dtype, device=U.device)
+        scores[s0 : s0 + c.shape[0], i0 : i0 + idx.shape[0]] = value.view(c.shape[0], idx.shape[0], *value.shape[1:])
     return scores
 
 
@@ -424,46 +428,53 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
             r = torch.empty_like(perm)
             r[perm] = torch.arange(k, device=U.device)
             random_ranks.append(r.unsqueeze(0).expand(n, k))
-        scores = {name: [] for name in orders}
-        per_input = {name: [] for name in orders}
-        random_scores = []
         desc = "Inter-layer deletion" if deletion else "Inter-layer insertion"
+        directions = V_b[torch.as_tensor(targets, device=U.device)]  # (T, C_b)
+
+        def readout(out: Tensor, row_input: Tensor) -> Tensor:
+            # every target at once: the forward does not depend on the target, only this projection does
+            return ((_layout.to_pfvs(out) - beta_b) @ directions.t()).amax(1)  # (rows, T)
+
+        any_ranks = torch.zeros(n, k, dtype=torch.long, device=U.device)
+        ref = _substituted_scores(run, dec_a, inputs, U, any_ranks, ref_counts, deletion, readout, batch_size,
+                                  False, desc)[0]  # (N, T)
+        valid = ref > 1e-8 * ref.abs().amax(0, keepdim=True).clamp_min(1e-30)
         for j, t in enumerate(targets):
-            direction = V_b[t]
-
-            def readout(out: Tensor, row_input: Tensor) -> Tensor:
-                pfvs = _layout.to_pfvs(out) - beta_b  # (rows, P_b, C_b)
-                return (pfvs @ direction).amax(1)
-
-            any_ranks = torch.zeros(n, k, dtype=torch.long, device=U.device)
-            ref = _substituted_scores(run, dec_a, inputs, U, any_ranks, ref_counts, deletion, readout, batch_size,
-                                      False, desc)[0]  # (N,)
-            valid = ref > 1e-8 * ref.abs().max().clamp_min(1e-30)
-            if not bool(valid.any()):
+            if not bool(valid[:, j].any()):
                 raise ValueError(f"target concept {t} of layer_b has no positive projection in any input; "
                                  "choose a concept present in these images")
-            if not bool(valid.all()):
-                warnings.warn(f"target concept {t}: {int((~valid).sum())} of {n} inputs have no positive "
+            if not bool(valid[:, j].all()):
+                warnings.warn(f"target concept {t}: {int((~valid[:, j]).sum())} of {n} inputs have no positive "
                               "projection on it and are left out")
-            for name, value in orders.items():
-                ranks = _ranks(value[j].to(U.device), n, k, "importance" if name == "gig" else f"baselines[{name!r}]")
-                x = _substituted_scores(run, dec_a, inputs, U, ranks, counts, deletion, readout, batch_size,
-                                        progress and name == "gig", desc)
-                scores[name].append((x[:, valid] / ref[valid]).mean(1))
-                normalised = torch.full_like(x, float("nan"))
-                normalised[:, valid] = x[:, valid] / ref[valid]
-                per_input[name].append(_aucs(fractions, normalised))
-            rs = [
-                _substituted_scores(run, dec_a, inputs, U, r, counts, deletion, readout, batch_size, False, desc)
-                for r in random_ranks
-            ]
-            random_scores.append(torch.stack([(x[:, valid] / ref[valid]).mean(1) for x in rs]).mean(0))
-    curves = {}
-    for name, per_target in scores.items():
-        mean = torch.stack(per_target).mean(0)
-        # each input's AUC averaged over the targets it has (NaN where it has none)
-        curves[name] = Curve(fractions, mean, auc(fractions, mean), torch.stack(per_input[name]).nanmean(0))
-    r = torch.stack(random_scores).mean(0)
+
+        def normalised(x: Tensor) -> Tensor:  # (S, N, T) over the reference, NaN where left out
+            return torch.where(valid.unsqueeze(0), x / ref.clamp_min(1e-30).unsqueeze(0), torch.full_like(x, float("nan")))
+
+        def curve_of(order: Tensor, show: bool) -> Tensor:
+            """(S, N, T) scores of an order ``(T, N, K)``; one pass for an order every target shares."""
+            if all(torch.equal(order[0], order[j]) for j in range(1, order.shape[0])):
+                ranks = _ranks(order[0].to(U.device), n, k)
+                return normalised(_substituted_scores(run, dec_a, inputs, U, ranks, counts, deletion, readout,
+                                                      batch_size, show, desc))
+            parts = []
+            for j in range(order.shape[0]):
+                ranks = _ranks(order[j].to(U.device), n, k)
+                parts.append(_substituted_scores(run, dec_a, inputs, U, ranks, counts, deletion, readout, batch_size,
+                                                 show, desc)[:, :, j])
+            return normalised(torch.stack(parts, 2))
+
+        for name, value in orders.items():  # every order checked before the first forward
+            for j in range(value.shape[0]):
+                _ranks(value[j].to(U.device), n, k, "importance" if name == "gig" else f"baselines[{name!r}]")
+        curves = {}
+        for name, value in orders.items():
+            x = curve_of(value, progress and name == "gig")
+            mean = x.nanmean(1).mean(1)  # mean over the inputs each target has, then over targets
+            curves[name] = Curve(fractions, mean, auc(fractions, mean),
+                                 torch.trapezoid(x.double().cpu(), fractions.double().cpu(), dim=0).nanmean(1))
+        rs = [normalised(_substituted_scores(run, dec_a, inputs, U, r, counts, deletion, readout, batch_size, False,
+                                             desc)).nanmean(1).mean(1) for r in random_ranks]
+    r = torch.stack(rs).mean(0)
     random_curve = Curve(fractions, r, auc(fractions, r))
     gig_curve = curves.pop("gig")
     diff = random_curve.auc - gig_curve.auc if deletion else gig_curve.auc - random_curve.auc

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 __all__ = [
     "efficientnet_lite0", "imagenet_categories", "imagenet_preprocess", "real_photos", "EFFICIENTNET_LITE0_BLOCKS",
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_LAYERS", "FashionMNISTCNN", "fashion_mnist", "fashion_mnist_cnn",
-    "fashion_mnist_weights_path",
+    "fashion_mnist_weights_path", "fashion_mnist_available", "opencv_photos_available", "OPENCV_PHOTOS",
 ]
 
 #: hookable blocks of EfficientNet-Lite0 (never its reused ``*_swish`` modules)
@@ -68,13 +68,34 @@ def imagenet_preprocess(image: np.ndarray, size: int = 224, mean=LITE_MEAN, std=
     return F.normalize(t, list(mean), list(std))
 
 
+#: where Debian's ``opencv-doc`` puts its sample images
+OPENCV_SAMPLES = "/usr/share/doc/opencv-doc/examples/data"
+
+#: the photographs among them (one of each near-identical pair; no logos, drawings or charts, one of the
+#: 26 calibration shots of a chessboard)
+OPENCV_PHOTOS = (
+    "aero1.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "basketball1.png", "board.jpg", "box_in_scene.png",
+    "building.jpg", "butterfly.jpg", "chicky_512.png", "ela_original.jpg", "fruits.jpg", "graf1.png", "home.jpg",
+    "left.jpg", "left01.jpg", "leuvenA.jpg", "licenseplate_motion.jpg", "messi5.jpg", "orange.jpg",
+    "rubberwhale1.png", "smarties.png", "squirrel_cls.jpg", "starry_night.jpg", "stuff.jpg", "sudoku.png",
+)
+
+
+def opencv_photos_available() -> bool:
+    """Whether Debian's ``opencv-doc`` sample photos are installed (``apt-get install opencv-doc``)."""
+    import os
+
+    return os.path.isdir(OPENCV_SAMPLES)
+
+
 def _bundled_photos() -> List[Tuple[str, np.ndarray]]:
     photos = []
     try:
         import skimage.data as skd
     except ImportError as err:
         raise _missing("scikit-image", err) from err
-    for name in ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "camera", "coins", "moon"):
+    for name in ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry", "retina",
+                 "camera", "coins", "moon", "clock", "brick", "grass", "gravel"):
         try:
             photos.append((f"skimage:{name}", getattr(skd, name)()))
         except Exception:  # an image this scikit-image version would have to download
@@ -95,11 +116,23 @@ def _bundled_photos() -> List[Tuple[str, np.ndarray]]:
             photos.append(("matplotlib:grace_hopper.jpg", mpimg.imread(f, format="jpg")))
     except Exception:
         pass
+    if opencv_photos_available():
+        import os
+
+        from PIL import Image
+
+        for name in OPENCV_PHOTOS:
+            path = os.path.join(OPENCV_SAMPLES, name)
+            try:
+                with Image.open(path) as im:
+                    photos.append((f"opencv:{name}", np.asarray(im.convert("RGB"))))
+            except OSError:  # a file this opencv-doc version lacks
+                continue
     return photos
 
 
 def real_photos(size: int = 224, names: Optional[List[str]] = None, mean=LITE_MEAN, std=LITE_STD) -> Tuple[Tensor, List[str]]:
-    """The real photos bundled with scikit-image, scikit-learn and matplotlib, preprocessed.
+    """The real photos bundled with scikit-image, scikit-learn and matplotlib (and Debian's opencv-doc), preprocessed.
 
     Args:
         size (int, optional): output side. Default: 224
@@ -157,6 +190,14 @@ def _read_idx(path: str, limit: Optional[int]) -> np.ndarray:
     if data.size != count:
         raise ValueError(f"{path!r} is truncated: expected {count} bytes of data ({shape}), got {data.size}")
     return data.reshape(shape)
+
+
+def fashion_mnist_available(root: str = FASHION_MNIST_ROOT) -> bool:
+    """Whether the Fashion-MNIST idx files are installed (Debian's ``dataset-fashion-mnist``)."""
+    import os
+
+    return all(any(os.path.isfile(os.path.join(root, n)) for n in (name, name[:-3]))
+               for files in _FASHION_FILES.values() for name in files)
 
 
 def fashion_mnist(split: str = "train", limit: Optional[int] = None, root: str = FASHION_MNIST_ROOT) -> Tuple[Tensor, Tensor]:

@@ -163,8 +163,17 @@ def test_every_subcommand_then_run_resumes(workspace, capsys):
         idx = data.labels == c
         direct = to_class.attribute(images[idx], target=c, n_steps=8).mean(0)
         torch.testing.assert_close(ca.mean[c], direct, atol=1e-4, rtol=1e-3)
-        mat = g23.attribute_matrix(images[idx], n_steps=8).mean(0)
-        torch.testing.assert_close(inter.mean[c], mat, atol=1e-4, rtol=1e-3)
+        # the GIG between layers is computed for the concepts the graphs keep, per class
+        cols = [int(t) for t in inter.targets[inter.classes.tolist().index(c)] if t >= 0] if c in inter.classes else []
+        if cols:
+            mat = g23.attribute_matrix(images[idx], targets=cols, n_steps=8).mean(0)
+            torch.testing.assert_close(inter.columns(c, cols), mat, atol=1e-4, rtol=1e-3)
+    graphs = json.loads((out / "attribution" / "graphs.json").read_text())["graphs"]
+    for spec, g in graphs.items():  # every edge into block3 of every graph has its column computed
+        needed = {n["concept"] for n in g["nodes"] if n["layer"] == "block3"}
+        for c in ({int(x) for x in g["targets"]}):
+            row = inter.targets[inter.classes.tolist().index(c)].tolist()
+            assert needed <= set(row), (spec, needed, row)
 
     # graph: JSON + PNG + HTML for a class, an image and a class pair (auto), readable back
     from captum_gig.graph import ConceptGraph
@@ -178,12 +187,16 @@ def test_every_subcommand_then_run_resumes(workspace, capsys):
         assert (out / g["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "<html" in (out / g["html"]).read_text().lower()
 
-    # evaluate: curves over fractions 0..1 whose AUC is their trapezoid
+    # evaluate: curves over fractions 0..1 for GIG, the baselines and random, whose AUC is their trapezoid
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
-    for name in ("c_deletion", "c_insertion"):
+    assert metrics["methods"] == ["gig", "endpoint", "magnitude"]
+    for name in ("c_deletion", "c_insertion", "interlayer_deletion|block2->block3"):
         cv = metrics["curves"][name]
         assert cv["fractions"][0] == 0.0 and cv["fractions"][-1] == 1.0
-        assert cv["auc"] == pytest.approx(float(np.trapezoid(cv["scores"], cv["fractions"])), abs=1e-5)
+        assert set(cv["methods"]) == {"gig", "endpoint", "magnitude", "random"}
+        for e in cv["methods"].values():
+            assert e["auc"] == pytest.approx(float(np.trapezoid(e["scores"], cv["fractions"])), abs=1e-5)
+    assert set(metrics["spearman_vs_ablation"]) >= {"block3->class|gig", "block2->block3|endpoint"}
     assert (out / "evaluation" / "curves.png").exists()
 
     manifest = _manifest(out)
@@ -198,8 +211,8 @@ def test_every_subcommand_then_run_resumes(workspace, capsys):
     assert _mtimes(out) == before
     assert (out / "index.html").exists()
 
-    # a changed graph setting recomputes the graphs only
-    assert main(["run", "--out", str(out), "--quiet", "--top-k", "3"]) == 0
+    # a changed drawing setting recomputes the graphs only
+    assert main(["run", "--out", str(out), "--quiet", "--atlas-top", "3"]) == 0
     status = {k: v["status"] for k, v in _manifest(out)["this_invocation"].items()}
     assert status == {"extract": "resumed", "fit": "resumed", "decompose": "resumed", "attribute": "resumed",
                       "graph": "computed", "evaluate": "resumed"}
