@@ -6,6 +6,7 @@ and the ``requires_grad`` flags of its parameters.
 """
 
 import difflib
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional, Tuple, Union
 
@@ -228,10 +229,29 @@ def check_runs_once(model: nn.Module, layer: LayerSpec, inputs, additional_forwa
     one (a reused activation module, a block applied twice); call this once on
     a first batch before relying on it.
     """
+    name, _ = resolve_layer(model, layer)
+    key = (name, attribute_to_layer_input, structure_key(model))
+    try:
+        checked = _RUNS_ONCE.setdefault(model, set())
+    except TypeError:  # not weak-referenceable: check every time
+        checked = set()
+    if key in checked:  # the same modules ran this layer once before: the cheaper early stop will do
+        return run_until(model, layer, inputs, additional_forward_args, attribute_to_layer_input)
     args = (inputs,) + tuple(additional_forward_args or ())
     with tap(model, layer, attribute_to_layer_input) as record:
         model(*args)
-    return record.value  # raises for zero or several calls
+    value = record.value  # raises for zero or several calls
+    checked.add(key)
+    return value
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """The model's module tree (names and types): what a traced slice or a checked layer depends on."""
+    return tuple((name, type(m)) for name, m in model.named_modules())
+
+
+#: layers found to run once per forward, per model (dropped with the model)
+_RUNS_ONCE: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 def check_inputs(model: nn.Module, inputs, argument: str = "inputs") -> None:

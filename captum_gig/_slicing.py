@@ -16,6 +16,8 @@ from typing import Optional, Set
 import torch.fx as fx
 from torch import nn
 
+from ._hooks import structure_key
+
 __all__ = ["slice_between"]
 
 
@@ -59,8 +61,7 @@ def slice_between(
     Slices are kept per model while its modules stay the same (tracing a
     ResNet50 costs more than a short attribution).
     """
-    structure = tuple((name, type(m)) for name, m in model.named_modules())
-    key = (layer_a, layer_b, attribute_to_layer_input, structure)
+    key = (layer_a, layer_b, attribute_to_layer_input, structure_key(model))
     try:
         cached = _CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable

@@ -605,6 +605,7 @@ class _Tally:
         self.per_input: Dict[Tuple[str, str], List[Tensor]] = defaultdict(list)
         self.fractions: Dict[str, Tensor] = {}
         self.rho: Dict[Tuple[str, str], List[float]] = defaultdict(list)
+        self.skipped: Dict[str, int] = defaultdict(int)  # classes without a visible target, per transition
 
     def add(self, curve: str, method: str, c, n: int) -> None:
         key = (curve, method)
@@ -641,7 +642,7 @@ class _Tally:
                 wins[method] = float(better[ok].double().mean()) if bool(ok.any()) else None
             entry["gig_beats"] = wins  # share of images on which GIG's own AUC is better than the method's
         rho = {f"{t}|{m}": {"mean": sum(v) / len(v), "n": len(v)} for (t, m), v in self.rho.items() if v}
-        return {"curves": curves, "spearman_vs_ablation": rho}
+        return {"curves": curves, "spearman_vs_ablation": rho, "classes_without_targets": dict(self.skipped)}
 
 
 def _orders_to_class(run, layer: str, dec, images: Tensor, c: int, methods: List[str], U: Tensor) -> Dict[str, Tensor]:
@@ -727,7 +728,13 @@ def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[st
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*no positive projection.*")
                 for kind, fn in (("deletion", interlayer_deletion), ("insertion", interlayer_insertion)):
-                    res = fn(run.model, a_name, decs[a_name], b_name, decs[b_name], images, targets, **kw)
+                    try:
+                        res = fn(run.model, a_name, decs[a_name], b_name, decs[b_name], images, targets, **kw)
+                    except ValueError as err:  # no target shows at the reconstruction in these images
+                        if "no positive projection" not in str(err):
+                            raise
+                        tally.skipped[name] += 1
+                        break
                     tally.add(f"interlayer_{kind}|{name}", "gig", res.gig, n)
                     tally.add(f"interlayer_{kind}|{name}", "random", res.random, n)
                     for m, curve in res.baselines.items():

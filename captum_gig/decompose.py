@@ -621,8 +621,9 @@ def _homotopy(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: floa
     inside = torch.ones(m, 1, dtype=torch.bool, device=Xc.device)
     free[torch.arange(m, device=Xc.device), idx[:, 0]] = False
     inf = torch.tensor(float("inf"), dtype=wide, device=Xc.device)
+    alive = torch.ones(m, dtype=torch.bool, device=Xc.device)  # rows whose path goes on
     for _ in range(steps):
-        if rows.numel() == 0:
+        if not bool(alive.any()):
             break
         m = rows.shape[0]
         ar = torch.arange(m, device=Xc.device)
@@ -645,13 +646,13 @@ def _homotopy(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: floa
         cross = torch.where(inside & (uA != 0) & (cross > tiny), cross, inf)
         g_drop, t_drop = cross.min(1)
         g_stop = lam - alpha
-        gamma = torch.minimum(g_stop, torch.minimum(g_join, g_drop))
+        gamma = torch.where(alive, torch.minimum(g_stop, torch.minimum(g_join, g_drop)), torch.zeros_like(lam))
         u.scatter_add_(1, idx, gamma.unsqueeze(1) * d)
         c = c - gamma.unsqueeze(1) * a
         lam = lam - gamma
-        stop = g_stop <= torch.minimum(g_join, g_drop)
-        drop = ~stop & (g_drop < g_join)
-        join = ~stop & ~drop
+        stop = alive & (g_stop <= torch.minimum(g_join, g_drop))
+        drop = alive & ~stop & (g_drop < g_join)
+        join = alive & ~stop & ~drop
         leaving = idx[ar, t_drop]
         u[ar[drop], leaving[drop]] = 0.0
         inside[ar[drop], t_drop[drop]] = False
@@ -661,14 +662,18 @@ def _homotopy(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: floa
         inside = torch.cat([inside, join.unsqueeze(1)], 1)
         if bool(stop.any()):
             out[rows[stop]] = u[stop].to(out.dtype)
-            keep = ~stop
-            rows, c, lam, u, free, idx, inside = (t[keep] for t in (rows, c, lam, u, free, idx, inside))
-        width = int(inside.sum(1).max()) if rows.numel() else 0
+            alive &= ~stop
+            # finished rows ride along (gamma = 0) until a quarter of the batch is done: copying every
+            # (m, K) state tensor each time one row ends cost more than the rows' share of the steps
+            if int(alive.sum()) < 0.75 * m:
+                rows, c, lam, u, free, idx, inside, alive = (
+                    t[alive] for t in (rows, c, lam, u, free, idx, inside, alive))
+        width = int(inside[alive].sum(1).max()) if bool(alive.any()) else 0
         if inside.shape[1] > 2 * max(1, width):  # drop the emptied slots
             order = torch.argsort((~inside).to(torch.int8), dim=1, stable=True)[:, : max(1, width)]
             idx, inside = idx.gather(1, order), inside.gather(1, order)
-    if rows.numel():  # paths that did not end: finish them from where they are
-        out[rows] = u.to(out.dtype)
+    if bool(alive.any()):  # paths that did not end: finish them from where they are
+        out[rows[alive]] = u[alive].to(out.dtype)
     # the safety net: any row whose duality gap is open (long or degenerate paths) is finished by FISTA
     primal, gap = _duality_gap(Xc, out, V, alpha, positive)
     open_ = gap > tol * primal.clamp_min(1e-30)

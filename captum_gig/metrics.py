@@ -212,11 +212,13 @@ def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, rank
         c = counts[s0 : s0 + s_chunk]  # (s,)
         r = ranks[idx]  # (b, K)
         removed = r.unsqueeze(0) < c.view(-1, 1, 1)  # (s, b, K)
-        keep = ~removed if deletion else removed
-        Um = U[idx].unsqueeze(0) * keep.unsqueeze(2).to(U.dtype)  # (s, b, P, K)
-        z = (Um @ V + beta).reshape(-1, p, V.shape[1])  # (s*b, P, C)
-        z = _layout.from_pfvs(z, spatial).contiguous()
-        rep_inputs = inputs[idx].repeat(c.shape[0], *([1] * (inputs.dim() - 1)))
+        keep = (~removed if deletion else removed).to(U.dtype)
+        if V.shape[1] < p:  # (U * keep) V = U (keep * V): the masked basis is the smaller operand
+            z = U[idx].unsqueeze(0) @ (keep.unsqueeze(3) * V)  # (s, b, P, C)
+        else:
+            z = (U[idx].unsqueeze(0) * keep.unsqueeze(2)) @ V
+        z = _layout.from_pfvs((z + beta).reshape(-1, p, V.shape[1]), spatial).contiguous()  # (s*b, ...)
+        rep_inputs = None if run.suffix is not None else inputs[idx].repeat(c.shape[0], *([1] * (inputs.dim() - 1)))
         out = run(z, rep_inputs)
         row_input = idx.repeat(c.shape[0])
         value = readout(out, row_input)
@@ -439,13 +441,18 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
         ref = _substituted_scores(run, dec_a, inputs, U, any_ranks, ref_counts, deletion, readout, batch_size,
                                   False, desc)[0]  # (N, T)
         valid = ref > 1e-8 * ref.abs().amax(0, keepdim=True).clamp_min(1e-30)
+        absent = [t for j, t in enumerate(targets) if not bool(valid[:, j].any())]
+        if len(absent) == len(targets):
+            raise ValueError(f"target concept{'s' if len(absent) > 1 else ''} {absent} of layer_b ha"
+                             f"{'ve' if len(absent) > 1 else 's'} no positive projection in any input; "
+                             "choose a concept present in these images")
+        if absent:
+            warnings.warn(f"target concepts {absent} have no positive projection in any input and are left out")
         for j, t in enumerate(targets):
-            if not bool(valid[:, j].any()):
-                raise ValueError(f"target concept {t} of layer_b has no positive projection in any input; "
-                                 "choose a concept present in these images")
-            if not bool(valid[:, j].all()):
+            if t not in absent and not bool(valid[:, j].all()):
                 warnings.warn(f"target concept {t}: {int((~valid[:, j]).sum())} of {n} inputs have no positive "
                               "projection on it and are left out")
+        kept = torch.tensor([t not in absent for t in targets], device=U.device)
 
         def normalised(x: Tensor) -> Tensor:  # (S, N, T) over the reference, NaN where left out
             return torch.where(valid.unsqueeze(0), x / ref.clamp_min(1e-30).unsqueeze(0), torch.full_like(x, float("nan")))
@@ -468,12 +475,12 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
                 _ranks(value[j].to(U.device), n, k, "importance" if name == "gig" else f"baselines[{name!r}]")
         curves = {}
         for name, value in orders.items():
-            x = curve_of(value, progress and name == "gig")
+            x = curve_of(value, progress and name == "gig")[:, :, kept]
             mean = x.nanmean(1).mean(1)  # mean over the inputs each target has, then over targets
             curves[name] = Curve(fractions, mean, auc(fractions, mean),
                                  torch.trapezoid(x.double().cpu(), fractions.double().cpu(), dim=0).nanmean(1))
         rs = [normalised(_substituted_scores(run, dec_a, inputs, U, r, counts, deletion, readout, batch_size, False,
-                                             desc)).nanmean(1).mean(1) for r in random_ranks]
+                                             desc))[:, :, kept].nanmean(1).mean(1) for r in random_ranks]
     r = torch.stack(rs).mean(0)
     random_curve = Curve(fractions, r, auc(fractions, r))
     gig_curve = curves.pop("gig")

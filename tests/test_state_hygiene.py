@@ -90,7 +90,7 @@ def test_failure_inside_captum_relevance_leaves_model_untouched(model):
 
 @pytest.mark.parametrize("slicing", [True, False])
 # leaf modules: the sliced sub-network calls those, not the Sequential containers
-@pytest.mark.parametrize("where, after_calls", [("block1.0", 0), ("block3.0", 1), ("block3.0", 2), ("head", 2)])
+@pytest.mark.parametrize("where, after_calls", [("block1.0", 0), ("block3.0", 0), ("block3.0", 1), ("head", 1)])
 @pytest.mark.parametrize("matrix", [False, True])
 def test_attribution_failure_leaves_model_untouched(slicing, where, after_calls, matrix):
     torch.manual_seed(0)
