@@ -245,6 +245,18 @@ def check_runs_once(model: nn.Module, layer: LayerSpec, inputs, additional_forwa
     return value
 
 
+def ensure_runs_once(model: nn.Module, layer: LayerSpec, inputs, additional_forward_args: Optional[tuple] = None,
+                     attribute_to_layer_input: bool = False) -> None:
+    """:func:`check_runs_once` unless this layer of these modules was checked before (then no forward)."""
+    name, _ = resolve_layer(model, layer)
+    try:
+        checked = _RUNS_ONCE.get(model, set())
+    except TypeError:
+        checked = set()
+    if (name, attribute_to_layer_input, structure_key(model)) not in checked:
+        check_runs_once(model, layer, inputs, additional_forward_args, attribute_to_layer_input)
+
+
 def structure_key(model: nn.Module) -> tuple:
     """The model's module tree (names and types): what a traced slice or a checked layer depends on."""
     return tuple((name, type(m)) for name, m in model.named_modules())

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import _layout
 from ._captum_compat import path_points
-from ._hooks import LayerSpec, check_inputs, check_runs_once, frozen, replace, resolve_layer, run_until
+from ._hooks import LayerSpec, check_inputs, ensure_runs_once, frozen, replace, resolve_layer, run_until
 from ._slicing import slice_between
 from .decompose import PFVDecomposer, mostly_zero
 
@@ -204,27 +204,35 @@ class GeneralizedIntegratedGradients(GradientAttribution):
         if not self._checked_once:  # run_until cannot see a second call of a reused layer
             for layer in (self.layer_a, self.layer_b):
                 if layer is not None:
-                    check_runs_once(self.model, layer, inputs, additional, layer == self.layer_a and self.attribute_to_layer_input)
+                    ensure_runs_once(self.model, layer, inputs, additional,
+                                     layer == self.layer_a and self.attribute_to_layer_input)
             self._checked_once = True
-        X = run_until(self.model, self.layer_a, inputs, additional, self.attribute_to_layer_input).detach()
         dec = self.decomposer_a
+        if coefficients is not None and not residual:
+            # the caller's Lasso solution: the path needs only U (the real activation only for the residual)
+            U = _check_coefficients(coefficients, dec, inputs.shape[0])
+            X_tilde = dec.inverse_transform(U)
+            X = X_tilde
+        else:
+            X = run_until(self.model, self.layer_a, inputs, additional, self.attribute_to_layer_input).detach()
+            Xl = _layout.move_channels_last(X)
+            if X.dim() < 2 or Xl.shape[-1] != dec.n_channels:
+                raise ValueError(
+                    f"layer_a {self.layer_a!r} has activation shape {tuple(X.shape)} but decomposer_a's basis has "
+                    f"{dec.n_channels} channels"
+                )
+            if coefficients is None:
+                U = dec.transform(X)
+            else:
+                U = _check_coefficients(coefficients, dec, inputs.shape[0])
+                expected = list(X.shape)
+                expected[_layout.channel_axis(X.dim())] = dec.n_concepts
+                if tuple(U.shape) != tuple(expected):
+                    raise ValueError(f"coefficients must be layer_a's coefficients of these inputs, shape "
+                                     f"{tuple(expected)}; got {tuple(U.shape)}")
+                U = U.to(device=X.device, dtype=X.dtype)
+            X_tilde = dec.inverse_transform(U)
         Xl = _layout.move_channels_last(X)
-        if X.dim() < 2 or Xl.shape[-1] != dec.n_channels:
-            raise ValueError(
-                f"layer_a {self.layer_a!r} has activation shape {tuple(X.shape)} but decomposer_a's basis has "
-                f"{dec.n_channels} channels"
-            )
-        if coefficients is None:
-            U = dec.transform(X)
-        else:  # the caller's Lasso solution for these inputs (one solve shared by several attributions)
-            expected = list(X.shape)
-            expected[_layout.channel_axis(X.dim())] = dec.n_concepts
-            expected = tuple(expected)
-            if not isinstance(coefficients, Tensor) or tuple(coefficients.shape) != expected:
-                raise ValueError(f"coefficients must be layer_a's coefficients of these inputs, shape {expected}; "
-                                 f"got {tuple(getattr(coefficients, 'shape', ()))}")
-            U = coefficients.to(device=X.device, dtype=X.dtype)
-        X_tilde = dec.inverse_transform(U)
         beta = dec.basis.offset.to(device=X.device, dtype=X.dtype)
         baseline = _layout.move_channels_back(beta.expand(Xl.shape), X.dim()).contiguous()
         return _Endpoints(
@@ -506,6 +514,18 @@ class GeneralizedIntegratedGradients(GradientAttribution):
                     grads = grads.view(d.shape[0], s, n, *base.shape[1:])
                     total[d0 : d0 + d.shape[0]] += torch.einsum("cs...,s->c...", grads, w)
         return total
+
+
+def _check_coefficients(coefficients, dec: PFVDecomposer, n: int) -> Tensor:
+    """Coefficients handed in by the caller: a tensor of ``n`` examples with ``K_a`` concepts on its concept axis."""
+    if not isinstance(coefficients, Tensor) or coefficients.dim() < 2:
+        raise ValueError(f"coefficients must be layer_a's coefficients of these inputs, a tensor (N, K_a, ...) or "
+                         f"(N, T, K_a); got {type(coefficients).__name__} {tuple(getattr(coefficients, 'shape', ()))}")
+    axis = _layout.channel_axis(coefficients.dim())
+    if coefficients.shape[0] != n or coefficients.shape[axis] != dec.n_concepts:
+        raise ValueError(f"coefficients must be layer_a's coefficients of these inputs: {n} examples with "
+                         f"{dec.n_concepts} concepts on axis {axis}; got shape {tuple(coefficients.shape)}")
+    return coefficients.to(dec.basis.vectors.device)
 
 
 def _sparse_projection(G: Tensor, U: Tensor, V: Tensor, per_position: bool, budget: int = 1 << 22) -> Tensor:

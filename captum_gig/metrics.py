@@ -25,12 +25,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import _layout
-from ._hooks import LayerSpec, check_inputs, check_runs_once, frozen, replace, resolve_layer, run_until
+from ._hooks import LayerSpec, check_inputs, check_runs_once, ensure_runs_once, frozen, replace, resolve_layer, run_until
 from ._slicing import slice_between
 from ._scores import l0_ratio, relative_l2
 from .concepts import ConceptBasis
 from .baselines import attribution_class
-from .decompose import PFVDecomposer
+from .decompose import PFVDecomposer, mostly_zero
 from .gig import GeneralizedIntegratedGradients
 
 __all__ = [
@@ -213,11 +213,19 @@ def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, rank
         r = ranks[idx]  # (b, K)
         removed = r.unsqueeze(0) < c.view(-1, 1, 1)  # (s, b, K)
         keep = (~removed if deletion else removed).to(U.dtype)
-        if V.shape[1] < p:  # (U * keep) V = U (keep * V): the masked basis is the smaller operand
-            z = U[idx].unsqueeze(0) @ (keep.unsqueeze(3) * V)  # (s, b, P, C)
+        Ub = U[idx].unsqueeze(0)  # (1, b, P, K)
+        z = _sparse_substitution(Ub[0], keep, V, beta, spatial)
+        if z is not None:
+            pass
+        elif len(spatial) == 2:  # conv layer: build (C, P) directly, the layout the model takes
+            if V.shape[1] < p:  # (U * keep) V = U (keep * V): the masked basis is the smaller operand
+                z = (keep.unsqueeze(3) * V).transpose(2, 3) @ Ub.transpose(2, 3)  # (s, b, C, P)
+            else:
+                z = V.t() @ (Ub * keep.unsqueeze(2)).transpose(2, 3)
+            z = (z + beta.view(-1, 1)).reshape(-1, V.shape[1], *spatial)
         else:
-            z = (U[idx].unsqueeze(0) * keep.unsqueeze(2)) @ V
-        z = _layout.from_pfvs((z + beta).reshape(-1, p, V.shape[1]), spatial).contiguous()  # (s*b, ...)
+            z = Ub @ (keep.unsqueeze(3) * V) if V.shape[1] < p else (Ub * keep.unsqueeze(2)) @ V  # (s, b, P, C)
+            z = _layout.from_pfvs((z + beta).reshape(-1, p, V.shape[1]), spatial).contiguous()
         rep_inputs = None if run.suffix is not None else inputs[idx].repeat(c.shape[0], *([1] * (inputs.dim() - 1)))
         out = run(z, rep_inputs)
         row_input = idx.repeat(c.shape[0])
@@ -228,22 +236,47 @@ def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, rank
     return scores
 
 
+def _sparse_substitution(U: Tensor, keep: Tensor, V: Tensor, beta: Tensor, spatial, budget: int = 1 << 24):
+    """``beta + (U * keep_s) V`` for every step ``s`` from the non-zero coefficients only, in the layer's layout.
+
+    ``U (b, P, K)`` has a few non-zeros per position (a Lasso solution), ``keep (S, b, K)``. Costs
+    ``S nnz C`` multiply-adds instead of ``S b P K C``; None when ``U`` is not sparse enough or the
+    ``(S, nnz, C)`` products would exceed ``budget`` elements (the dense product is taken then).
+    """
+    if not mostly_zero(U):
+        return None
+    b, p, k = U.shape
+    e, pos, q = U.nonzero(as_tuple=True)
+    S, C = keep.shape[0], V.shape[1]
+    if S * e.numel() * C > budget:
+        return None
+    contrib = U[e, pos, q].unsqueeze(1) * V[q]  # (M, C)
+    weight = keep[:, e, q]  # (S, M)
+    z = beta.expand(S, b * p, C).clone()
+    z.index_add_(1, e * p + pos, weight.unsqueeze(2) * contrib.unsqueeze(0))
+    return _layout.from_pfvs(z.reshape(S * b, p, C), spatial).contiguous()
+
+
 def _prepare(run: _Substitution, dec, inputs: Tensor, layer_name: str, argument: str,
              coefficients: Optional[Tensor] = None) -> Tensor:
     """Layer ``a``'s coefficients of ``inputs`` as ``(N, P, K)``: solved here, or the caller's checked."""
+    if coefficients is not None:  # the caller's solution: no forward needed
+        if not isinstance(coefficients, Tensor) or coefficients.dim() < 2:
+            raise ValueError(f"coefficients must be {layer_name!r}'s coefficients of these inputs; "
+                             f"got {type(coefficients).__name__}")
+        axis = _layout.channel_axis(coefficients.dim())
+        if coefficients.shape[0] != inputs.shape[0] or coefficients.shape[axis] != dec.n_concepts:
+            raise ValueError(f"coefficients must be {layer_name!r}'s coefficients of these inputs: "
+                             f"{inputs.shape[0]} examples with {dec.n_concepts} concepts on axis {axis}; "
+                             f"got shape {tuple(coefficients.shape)}")
+        run.spatial = _layout.spatial_shape(coefficients)
+        return _layout.to_pfvs(coefficients.to(device=inputs.device, dtype=dec.basis.vectors.dtype))
     X = check_runs_once(run.model, run.layer_a, inputs).detach()
     if _layout.move_channels_last(X).shape[-1] != dec.n_channels:
         raise ValueError(f"layer {layer_name!r} has activation shape {tuple(X.shape)} but {argument}'s basis has "
                          f"{dec.n_channels} channels")
     run.spatial = _layout.spatial_shape(X)
-    if coefficients is None:
-        return _layout.to_pfvs(dec.transform(X))
-    expected = list(X.shape)
-    expected[_layout.channel_axis(X.dim())] = dec.n_concepts
-    if not isinstance(coefficients, Tensor) or list(coefficients.shape) != expected:
-        raise ValueError(f"coefficients must be {layer_name!r}'s coefficients of these inputs, shape {tuple(expected)}; "
-                         f"got {tuple(getattr(coefficients, 'shape', ()))}")
-    return _layout.to_pfvs(coefficients.to(device=X.device, dtype=X.dtype))
+    return _layout.to_pfvs(dec.transform(X))
 
 
 # --------------------------------------------------------------------------- C-Deletion / C-Insertion
@@ -385,37 +418,48 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
     name_b, _ = resolve_layer(model, layer_b, "layer_b")
     if name_a == name_b:
         raise ValueError("layer_b must be a later layer than layer_a, not the same one")
-    tc = torch.as_tensor(target_concept)
-    if tc.is_floating_point() or tc.dim() > 1:
-        raise ValueError(f"target_concept must be an int or a 1-D sequence of ints; got {target_concept!r}")
-    targets = tc.view(-1).long().tolist()
-    if not targets or min(targets) < 0 or max(targets) >= dec_b.n_concepts:
-        raise ValueError(f"target_concept {targets} out of range: decomposer_b has {dec_b.n_concepts} concepts")
     n, k = inputs.shape[0], dec_a.n_concepts
+    tc = torch.as_tensor(target_concept)
+    if tc.is_floating_point() or tc.dim() > 2 or (tc.dim() == 2 and tc.shape[0] != n):
+        raise ValueError(f"target_concept must be an int, a 1-D sequence of ints (shared) or ({n}, T) per input; "
+                         f"got {target_concept!r}")
+    per_input = tc.dim() == 2  # each input its own T targets
+    table = (tc if per_input else tc.view(1, -1)).long()  # (N or 1, T)
+    if table.numel() == 0 or int(table.min()) < 0 or int(table.max()) >= dec_b.n_concepts:
+        raise ValueError(f"target_concept {tc.tolist()} out of range: decomposer_b has {dec_b.n_concepts} concepts")
+    slots = table.shape[1]
     given = dict(baselines) if isinstance(baselines, dict) else {name: None for name in baselines}
     if "gig" in given or "random" in given:
         raise ValueError("baselines name the orders compared with GIG and random; 'gig' and 'random' are always there")
     orders = {"gig": importance, **given}
     for name, value in orders.items():
         if value is not None:
-            orders[name] = _check_importance(value, targets, "importance" if name == "gig" else f"baselines[{name!r}]")
+            orders[name] = _check_importance(value, list(range(slots)), "importance" if name == "gig" else f"baselines[{name!r}]")
         elif name != "gig":
             attribution_class(name)  # an unknown name fails before any work
 
     with frozen(model), torch.no_grad():
-        check_runs_once(model, name_b, inputs)
+        ensure_runs_once(model, name_b, inputs)
         run = _Substitution(model, name_a, name_b)
         U = _prepare(run, dec_a, inputs, name_a, "decomposer_a", coefficients)
         layer_U = _layout.from_pfvs(U, run.spatial)  # one Lasso solve for every order computed here
+        table = table.to(U.device)
         chunk = batch_size or n
         for name, value in orders.items():
             if value is None:  # per-input attribution of each layer-a concept to each target (eq. 5)
                 method = attribution_class(name)(model, name_a, dec_a, name_b, dec_b)
                 with torch.enable_grad():
-                    parts = [method.attribute_matrix(inputs[i : i + chunk], targets=targets, n_steps=n_steps,
-                                                     coefficients=layer_U[i : i + chunk])
-                             for i in range(0, n, chunk)]
-                orders[name] = torch.cat(parts).permute(2, 0, 1)  # (T, N, K_a)
+                    if per_input:  # one target per input and slot
+                        parts = [torch.stack([method.attribute(inputs[i : i + chunk], target=table[i : i + chunk, j],
+                                                               n_steps=n_steps, coefficients=layer_U[i : i + chunk])
+                                              for j in range(slots)])
+                                 for i in range(0, n, chunk)]
+                        orders[name] = torch.cat(parts, 1)  # (T, N, K_a)
+                    else:
+                        parts = [method.attribute_matrix(inputs[i : i + chunk], targets=table[0], n_steps=n_steps,
+                                                         coefficients=layer_U[i : i + chunk])
+                                 for i in range(0, n, chunk)]
+                        orders[name] = torch.cat(parts).permute(2, 0, 1)  # (T, N, K_a)
         V_b = dec_b.basis.normalized_vectors.to(U)
         beta_b = dec_b.basis.offset.to(U)
         fractions, counts = _fractions(steps, k, U.device)
@@ -431,28 +475,31 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
             r[perm] = torch.arange(k, device=U.device)
             random_ranks.append(r.unsqueeze(0).expand(n, k))
         desc = "Inter-layer deletion" if deletion else "Inter-layer insertion"
-        directions = V_b[torch.as_tensor(targets, device=U.device)]  # (T, C_b)
+        directions = V_b[table]  # (N or 1, T, C_b)
 
         def readout(out: Tensor, row_input: Tensor) -> Tensor:
             # every target at once: the forward does not depend on the target, only this projection does
-            return ((_layout.to_pfvs(out) - beta_b) @ directions.t()).amax(1)  # (rows, T)
+            d = directions[row_input] if per_input else directions[0].unsqueeze(0)
+            return torch.einsum("rpc,rtc->rpt", _layout.to_pfvs(out) - beta_b, d.expand(out.shape[0], -1, -1)).amax(1)
 
         any_ranks = torch.zeros(n, k, dtype=torch.long, device=U.device)
         ref = _substituted_scores(run, dec_a, inputs, U, any_ranks, ref_counts, deletion, readout, batch_size,
                                   False, desc)[0]  # (N, T)
         valid = ref > 1e-8 * ref.abs().amax(0, keepdim=True).clamp_min(1e-30)
-        absent = [t for j, t in enumerate(targets) if not bool(valid[:, j].any())]
-        if len(absent) == len(targets):
-            raise ValueError(f"target concept{'s' if len(absent) > 1 else ''} {absent} of layer_b ha"
-                             f"{'ve' if len(absent) > 1 else 's'} no positive projection in any input; "
-                             "choose a concept present in these images")
+        absent = [j for j in range(slots) if not bool(valid[:, j].any())]
+        named = table[0].tolist() if not per_input else list(range(slots))
+        what = "target concept" if not per_input else "target slot"
+        if len(absent) == slots:
+            raise ValueError(f"{what}s {[named[j] for j in absent]} of layer_b have no positive projection in any "
+                             "input; choose concepts present in these images")
         if absent:
-            warnings.warn(f"target concepts {absent} have no positive projection in any input and are left out")
-        for j, t in enumerate(targets):
-            if t not in absent and not bool(valid[:, j].all()):
-                warnings.warn(f"target concept {t}: {int((~valid[:, j]).sum())} of {n} inputs have no positive "
+            warnings.warn(f"{what}s {[named[j] for j in absent]} have no positive projection in any input and are "
+                          "left out")
+        for j in range(slots):
+            if j not in absent and not bool(valid[:, j].all()):
+                warnings.warn(f"{what} {named[j]}: {int((~valid[:, j]).sum())} of {n} inputs have no positive "
                               "projection on it and are left out")
-        kept = torch.tensor([t not in absent for t in targets], device=U.device)
+        kept = torch.tensor([j not in absent for j in range(slots)], device=U.device)
 
         def normalised(x: Tensor) -> Tensor:  # (S, N, T) over the reference, NaN where left out
             return torch.where(valid.unsqueeze(0), x / ref.clamp_min(1e-30).unsqueeze(0), torch.full_like(x, float("nan")))
@@ -509,9 +556,12 @@ _INTER_DOC = r"""
         layer_b (nn.Module or str): a later layer.
         decomposer_b (PFVDecomposer or ConceptBasis): concepts of ``layer_b``.
         inputs (Tensor): ``(N, ...)`` images.
-        target_concept (int or sequence of int): concept(s) of ``layer_b``.
+        target_concept (int, sequence of int or Tensor): concept(s) of
+                    ``layer_b`` shared by all inputs, or ``(N, T)``: each input's
+                    own ``T`` targets (e.g. its class's top concepts).
         importance (Tensor, optional): ``(K_a,)`` or ``(N, K_a)`` scores for one
-                    target, ``(T, K_a)`` / ``(T, N, K_a)`` for ``T`` targets.
+                    target, ``(T, K_a)`` / ``(T, N, K_a)`` for ``T`` targets (or
+                    target slots with per-input targets).
                     Default: None (GIG per input, via ``attribute_matrix``).
         steps (int, optional): the curves have ``steps + 1`` points. Default: 20
         n_random (int, optional): random orders averaged. Default: 5

@@ -54,11 +54,12 @@ class Config:
     r"""Settings of a pipeline run (the CLI's options; ``None`` values are filled from the model and data).
 
     Attributes (model and data):
-        model (str): ``efficientnet-lite0``, ``fashion-mnist-cnn``,
-                    ``torchvision:<name>`` or ``module:<file.py or module>:<callable>``.
+        model (str): ``efficientnet-lite0``, ``fashion-mnist-cnn``, ``torchvision:<name>``
+        or ``module:<file.py or module>:<callable>``.
         weights (str): torchvision weights name (downloads), ``"none"`` for random weights.
         data (str): an ImageFolder, ``"photos"`` (bundled real photos) or ``"fashion-mnist"``.
-        split (str): Fashion-MNIST split. layers (list of str): dotted layer names, early to late.
+        split (str): Fashion-MNIST split.
+        layers (list of str): dotted layer names, early to late.
         limit, augment, image_size, normalize, by, seed, batch_size: as the CLI's options.
 
     The remaining attributes are the stages' settings, documented with the CLI

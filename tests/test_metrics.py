@@ -309,3 +309,17 @@ def test_per_input_aucs_average_to_the_curve_auc(cnn):
     res = interlayer_insertion(model, "block2", dec2, "block3", dec3, images, 0, steps=4, n_random=1, n_steps=8)
     valid = ~torch.isnan(res.gig.per_input)
     assert float(res.gig.per_input[valid].mean()) == pytest.approx(res.gig.auc, abs=1e-6)
+
+
+def test_per_input_targets_equal_each_input_with_its_own_targets(cnn):
+    model, images, dec2 = cnn
+    dec3 = make_decomposer(model, "block3", images, k_factor=1).basis
+    x = images[:3]
+    own = torch.tensor([[0, 1], [2, 0], [1, 3]])  # each input's two targets
+    kw = dict(steps=4, n_random=1, n_steps=6, baselines=("magnitude",))
+    both = interlayer_insertion(model, "block2", dec2, "block3", dec3, x, own, **kw)
+    for i in range(3):
+        alone = interlayer_insertion(model, "block2", dec2, "block3", dec3, x[i : i + 1], own[i].tolist(), **kw)
+        assert float(both.gig.per_input[i]) == pytest.approx(float(alone.gig.per_input[0]), abs=1e-5)
+        assert float(both.baselines["magnitude"].per_input[i]) == pytest.approx(
+            float(alone.baselines["magnitude"].per_input[0]), abs=1e-5)
