@@ -574,22 +574,30 @@ def stage_graph(run) -> List[str]:
 # ============================================================================ evaluate
 
 
+def _average_ranks(x: Tensor, valid: Tensor) -> Tensor:
+    """Ranks (1-based, ties averaged, as scipy's ``rankdata``) of each row's valid entries."""
+    v = valid.unsqueeze(1)  # (R, 1, m): j counts only where valid
+    less = ((x.unsqueeze(1) < x.unsqueeze(2)) & v).sum(2)
+    equal = ((x.unsqueeze(1) == x.unsqueeze(2)) & v).sum(2)
+    return less + 0.5 * (equal - 1) + 1
+
+
 def _spearman(attr: Tensor, exact: Tensor, top: int) -> List[float]:
     """Per row, Spearman's rho of ``attr`` and ``exact`` over the ``top`` concepts of largest ``|exact|``
     among those present (non-zero effect); rows with fewer than 3 such concepts are skipped."""
-    from scipy.stats import spearmanr
-
-    out = []
-    for a, e in zip(attr.double().cpu(), exact.double().cpu()):
-        present = (e != 0) & torch.isfinite(e)
-        idx = present.nonzero().flatten()
-        if idx.numel() < 3:
-            continue
-        idx = idx[e[idx].abs().argsort(descending=True)[:top]]
-        rho = spearmanr(a[idx].numpy(), e[idx].numpy()).statistic
-        if rho == rho:  # not NaN (a constant order)
-            out.append(float(rho))
-    return out
+    a, e = attr.double().cpu(), exact.double().cpu()
+    present = (e != 0) & torch.isfinite(e)
+    size = torch.where(present, e.abs(), torch.full_like(e, -1.0))
+    idx = size.topk(min(top, e.shape[1]), dim=1).indices  # (R, m), the largest effects first
+    valid = present.gather(1, idx)
+    ra, re = _average_ranks(a.gather(1, idx), valid), _average_ranks(e.gather(1, idx), valid)
+    n = valid.sum(1, keepdim=True).clamp_min(1)
+    ra = torch.where(valid, ra - (ra * valid).sum(1, keepdim=True) / n, torch.zeros_like(ra))
+    re = torch.where(valid, re - (re * valid).sum(1, keepdim=True) / n, torch.zeros_like(re))
+    denominator = (ra.square().sum(1) * re.square().sum(1)).sqrt()
+    rho = (ra * re).sum(1) / denominator
+    keep = (valid.sum(1) >= 3) & (denominator > 0)  # a constant order has no rank correlation
+    return rho[keep].tolist()
 
 
 #: images per class whose attributions are compared with the exact ablation effects (Spearman's rho)
@@ -673,9 +681,15 @@ def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[st
         ids = sub[cls_of[sub] == c].tolist()
         images = run.data.get(ids).to(run.device)
         n = len(ids)
-        with torch.no_grad():
-            X = run_until(run.model, last, images)
-        U_last = decs[last].transform(X)
+        solved: Dict[str, Tensor] = {}
+
+        def coefficients(layer: str) -> Tensor:  # each layer's Lasso once per class's images
+            if layer not in solved:
+                with torch.no_grad():
+                    solved[layer] = decs[layer].transform(run_until(run.model, layer, images))
+            return solved[layer]
+
+        U_last = coefficients(last)
         per_image = _orders_to_class(run, last, decs[last], images, c, methods, U_last)
         # one order per class (Fel et al.): the class's mean attribution over its evaluated images
         g = torch.Generator().manual_seed(seed * 7919 + c)
@@ -697,10 +711,8 @@ def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[st
             elif b_name in class_means and bool((class_means[b_name].classes == c).any()):
                 relevance = class_means[b_name].of(c).to(U_last)
             else:  # this layer's class GIG over the class's evaluated images
-                with torch.no_grad():
-                    Xb = run_until(run.model, b_name, images)
                 relevance = _orders_to_class(run, b_name, decs[b_name], images, c, ["gig"],
-                                             decs[b_name].transform(Xb))["gig"].mean(0)
+                                             coefficients(b_name))["gig"].mean(0)
             with torch.no_grad():
                 Xb = _layout.to_pfvs(run_until(run.model, b_name, images)) - decs[b_name].basis.offset.to(U_last)
                 # a target must show in these images: a positive projection somewhere (the curves divide by it)
@@ -709,9 +721,7 @@ def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[st
             targets = ranked[:T]
             if not targets:
                 continue
-            with torch.no_grad():
-                Xa = run_until(run.model, a_name, images)
-            U_a = decs[a_name].transform(Xa)
+            U_a = coefficients(a_name)
             inter = {}
             for m in methods:
                 method = attribution_class(m)(run.model, a_name, decs[a_name], b_name, decs[b_name])
@@ -724,7 +734,7 @@ def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[st
                 for j in range(len(targets)):
                     tally.rho[(name, m)] += _spearman(inter[m][j][few], exact[:, :, j], 32)
             kw = dict(importance=inter["gig"], baselines={m: inter[m] for m in methods if m != "gig"}, steps=steps,
-                      n_random=2, seed=seed, batch_size=bs * (steps + 1), coefficients=U_a)
+                      n_random=2, seed=seed * 7919 + c, batch_size=bs * (steps + 1), coefficients=U_a)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*no positive projection.*")
                 for kind, fn in (("deletion", interlayer_deletion), ("insertion", interlayer_insertion)):

@@ -33,16 +33,16 @@ FASHION_MNIST_DEMO: Dict[str, Any] = {
     "layers": ["block1", "block2", "block3"], "per_image": 4, "concept_factor": 8, "by": "label",
     "attribute_images": 2000, "interlayer_images": 64, "n_steps": 16, "top_k": 5,
     "graph": ["class:all", "pair:Shirt,T-shirt/top", "pair:Pullover,Coat", "pair:Sneaker,Ankle boot"],
-    "atlas_top": 6, "ierf": "ixg", "eval_images": 1000, "eval_seeds": 2, "eval_pairs": "all", "eval_steps": 10,
+    "atlas_top": 6, "ierf": "ixg", "eval_images": 1000, "eval_seeds": 2, "eval_pairs": "all", "eval_steps": 8,
     "eval_targets": 3, "batch_size": 64,
 }
 
 #: part 2: EfficientNet-Lite0 on the real photos, augmented
 PHOTOS_DEMO: Dict[str, Any] = {
     "model": "efficientnet-lite0", "data": "photos", "augment": 7, "image_size": 160,
-    "layers": ["_blocks.9", "_blocks.12", "_blocks.15"], "per_image": 16, "concept_factor": 8, "min_members": 32,
-    "n_steps": 8, "top_k": 4, "atlas_top": 6, "ierf": "ixg", "interlayer_images": 16, "eval_images": 96,
-    "eval_seeds": 2, "eval_steps": 8, "eval_targets": 3, "batch_size": 16,
+    "layers": ["_blocks.5", "_blocks.8", "_blocks.10"], "per_image": 16, "concept_factor": 8, "min_members": 32,
+    "n_steps": 8, "top_k": 4, "atlas_top": 6, "ierf": "ixg", "interlayer_images": 16, "eval_images": 48,
+    "eval_seeds": 1, "eval_steps": 8, "eval_targets": 3, "batch_size": 16,
 }
 
 #: ``--quick``: the same parts at sizes for tests (seconds, not minutes)

@@ -186,16 +186,47 @@ def _fractions(steps: int, k: int, device) -> tuple:
     return fractions.float().to(device), counts.to(device)
 
 
+class _SparseCoefficients:
+    """The non-zero coefficients of ``U (N, P, K)`` times their concept vectors, found once per ``U``.
+
+    Every order, step and target of a curve substitutes the same ``U``: the non-zeros are listed
+    once (by input, as ``nonzero`` returns them) and each batch takes its inputs' slice.
+    """
+
+    def __init__(self, U: Tensor, V: Tensor):
+        n, self.p, _ = U.shape
+        self.e, self.pos, self.q = U.nonzero(as_tuple=True)
+        self.contrib = U[self.e, self.pos, self.q].unsqueeze(1) * V[self.q]  # (M, C)
+        self.starts = torch.searchsorted(self.e, torch.arange(n + 1, device=U.device)).tolist()
+
+    @classmethod
+    def of(cls, U: Tensor, V: Tensor) -> Optional["_SparseCoefficients"]:
+        return cls(U, V) if mostly_zero(U) else None
+
+    def substitute(self, i0: int, i1: int, keep: Tensor, beta: Tensor, spatial, budget: int = 1 << 24):
+        """``beta + (U * keep_s) V`` of inputs ``i0:i1`` for every step ``s`` of ``keep (S, i1 - i0, K)``,
+        in the layer's layout; None when the ``(S, nnz, C)`` products would exceed ``budget`` elements."""
+        a, b = self.starts[i0], self.starts[i1]
+        S, C = keep.shape[0], self.contrib.shape[1]
+        if S * (b - a) * C > budget:
+            return None
+        e, q = self.e[a:b] - i0, self.q[a:b]
+        z = beta.expand(S, (i1 - i0) * self.p, C).clone()
+        z.index_add_(1, e * self.p + self.pos[a:b], keep[:, e, q].unsqueeze(2) * self.contrib[a:b].unsqueeze(0))
+        return _layout.from_pfvs(z.reshape(S * (i1 - i0), self.p, C), spatial).contiguous()
+
+
 def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, ranks: Tensor,
                         counts: Tensor, deletion: bool, readout, batch_size: Optional[int], progress: bool,
-                        desc: str) -> Tensor:
+                        desc: str, sparse: Optional[_SparseCoefficients] = None) -> Tensor:
     """``(S, N)`` readout of the model with layer ``a`` = ``beta + U' V`` at every step.
 
     ``U`` is ``(N, P, K)``, ``ranks`` ``(N, K)``; at step ``s`` the concepts of
     rank ``< counts[s]`` are removed (deletion) or are the only ones kept
     (insertion). ``readout(out, rows_inputs_index)`` maps the forward's output
     to one number per row, or to ``T`` numbers (then ``(S, N, T)``: one forward
-    serves several targets).
+    serves several targets). ``sparse``: ``U``'s non-zeros, when few (the substitution
+    then costs a product per non-zero, not per concept).
     """
     n, p, k = U.shape
     spatial = run.spatial
@@ -214,7 +245,7 @@ def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, rank
         removed = r.unsqueeze(0) < c.view(-1, 1, 1)  # (s, b, K)
         keep = (~removed if deletion else removed).to(U.dtype)
         Ub = U[idx].unsqueeze(0)  # (1, b, P, K)
-        z = _sparse_substitution(Ub[0], keep, V, beta, spatial)
+        z = None if sparse is None else sparse.substitute(i0, i0 + idx.shape[0], keep, beta, spatial)
         if z is not None:
             pass
         elif len(spatial) == 2:  # conv layer: build (C, P) directly, the layout the model takes
@@ -234,27 +265,6 @@ def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, rank
             scores = torch.empty(S, n, *value.shape[1:], dtype=U.dtype, device=U.device)
         scores[s0 : s0 + c.shape[0], i0 : i0 + idx.shape[0]] = value.view(c.shape[0], idx.shape[0], *value.shape[1:])
     return scores
-
-
-def _sparse_substitution(U: Tensor, keep: Tensor, V: Tensor, beta: Tensor, spatial, budget: int = 1 << 24):
-    """``beta + (U * keep_s) V`` for every step ``s`` from the non-zero coefficients only, in the layer's layout.
-
-    ``U (b, P, K)`` has a few non-zeros per position (a Lasso solution), ``keep (S, b, K)``. Costs
-    ``S nnz C`` multiply-adds instead of ``S b P K C``; None when ``U`` is not sparse enough or the
-    ``(S, nnz, C)`` products would exceed ``budget`` elements (the dense product is taken then).
-    """
-    if not mostly_zero(U):
-        return None
-    b, p, k = U.shape
-    e, pos, q = U.nonzero(as_tuple=True)
-    S, C = keep.shape[0], V.shape[1]
-    if S * e.numel() * C > budget:
-        return None
-    contrib = U[e, pos, q].unsqueeze(1) * V[q]  # (M, C)
-    weight = keep[:, e, q]  # (S, M)
-    z = beta.expand(S, b * p, C).clone()
-    z.index_add_(1, e * p + pos, weight.unsqueeze(2) * contrib.unsqueeze(0))
-    return _layout.from_pfvs(z.reshape(S * b, p, C), spatial).contiguous()
 
 
 def _prepare(run: _Substitution, dec, inputs: Tensor, layer_name: str, argument: str,
@@ -316,7 +326,9 @@ def _class_curve(deletion: bool, model, layer, decomposer, inputs, target, impor
             return scores.gather(1, tt.view(-1, 1)).squeeze(1).to(U.dtype)
 
         desc = "C-Deletion" if deletion else "C-Insertion"
-        per_input = _substituted_scores(run, dec, inputs, U, ranks, counts, deletion, readout, batch_size, progress, desc)
+        sparse = _SparseCoefficients.of(U, dec.basis.vectors.to(U))
+        per_input = _substituted_scores(run, dec, inputs, U, ranks, counts, deletion, readout, batch_size, progress, desc,
+                                        sparse)
     scores = per_input.mean(1)
     return Curve(fractions, scores, auc(fractions, scores), _aucs(fractions, per_input))
 
@@ -482,9 +494,10 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
             d = directions[row_input] if per_input else directions[0].unsqueeze(0)
             return torch.einsum("rpc,rtc->rpt", _layout.to_pfvs(out) - beta_b, d.expand(out.shape[0], -1, -1)).amax(1)
 
+        sparse = _SparseCoefficients.of(U, dec_a.basis.vectors.to(U))
         any_ranks = torch.zeros(n, k, dtype=torch.long, device=U.device)
         ref = _substituted_scores(run, dec_a, inputs, U, any_ranks, ref_counts, deletion, readout, batch_size,
-                                  False, desc)[0]  # (N, T)
+                                  False, desc, sparse)[0]  # (N, T)
         valid = ref > 1e-8 * ref.abs().amax(0, keepdim=True).clamp_min(1e-30)
         absent = [j for j in range(slots) if not bool(valid[:, j].any())]
         named = table[0].tolist() if not per_input else list(range(slots))
@@ -509,12 +522,12 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
             if all(torch.equal(order[0], order[j]) for j in range(1, order.shape[0])):
                 ranks = _ranks(order[0].to(U.device), n, k)
                 return normalised(_substituted_scores(run, dec_a, inputs, U, ranks, counts, deletion, readout,
-                                                      batch_size, show, desc))
+                                                      batch_size, show, desc, sparse))
             parts = []
             for j in range(order.shape[0]):
                 ranks = _ranks(order[j].to(U.device), n, k)
                 parts.append(_substituted_scores(run, dec_a, inputs, U, ranks, counts, deletion, readout, batch_size,
-                                                 show, desc)[:, :, j])
+                                                 show, desc, sparse)[:, :, j])
             return normalised(torch.stack(parts, 2))
 
         for name, value in orders.items():  # every order checked before the first forward
@@ -527,7 +540,7 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
             curves[name] = Curve(fractions, mean, auc(fractions, mean),
                                  torch.trapezoid(x.double().cpu(), fractions.double().cpu(), dim=0).nanmean(1))
         rs = [normalised(_substituted_scores(run, dec_a, inputs, U, r, counts, deletion, readout, batch_size, False,
-                                             desc))[:, :, kept].nanmean(1).mean(1) for r in random_ranks]
+                                             desc, sparse))[:, :, kept].nanmean(1).mean(1) for r in random_ranks]
     r = torch.stack(rs).mean(0)
     random_curve = Curve(fractions, r, auc(fractions, r))
     gig_curve = curves.pop("gig")

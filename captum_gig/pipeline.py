@@ -419,7 +419,8 @@ class Pipeline:
             return
         if self.done(name):
             marker = _read_json(self._marker(name))
-            self.timings[name] = {"status": "resumed", "seconds": 0.0}
+            # the seconds it took when computed: a resumed report still says what each stage costs
+            self.timings[name] = {"status": "resumed", "seconds": round(float(marker.get("seconds", 0.0)), 3)}
             self.artifacts[name] = marker.get("artifacts", [])
             self.log(f"{name}: up to date, resumed from {len(self.artifacts[name])} artifacts")
             return

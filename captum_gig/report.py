@@ -236,7 +236,8 @@ def report_sections(run, base: str = "", title: Optional[str] = None, intro: str
     stages = _timings(run)
     if stages:
         parts.append("<p class='note'>Stages: " + ", ".join(
-            f"{esc(n)} {t.get('seconds', 0):.1f} s" for n, t in stages.items())
+            f"{esc(n)} {t.get('seconds', 0):.1f} s{' (resumed)' if t.get('status') == 'resumed' else ''}"
+            for n, t in stages.items())
             + f" &middot; <a href='{esc(base)}manifest.json'>manifest.json</a> (settings, versions, timings) "
             f"&middot; <a href='{esc(base)}data.json'>data.json</a></p>")
     return "\n".join(p for p in parts if p)

@@ -323,3 +323,22 @@ def test_per_input_targets_equal_each_input_with_its_own_targets(cnn):
         assert float(both.gig.per_input[i]) == pytest.approx(float(alone.gig.per_input[0]), abs=1e-5)
         assert float(both.baselines["magnitude"].per_input[i]) == pytest.approx(
             float(alone.baselines["magnitude"].per_input[0]), abs=1e-5)
+
+
+def test_sparse_substitution_equals_the_dense_reconstruction():
+    from captum_gig import _layout
+    from captum_gig.metrics import _SparseCoefficients
+
+    g = torch.Generator().manual_seed(0)
+    n, h, w, k, c, s = 5, 3, 4, 40, 6, 7
+    U = torch.randn(n, h * w, k, generator=g) * (torch.rand(n, h * w, k, generator=g) < 0.05)
+    V, beta = torch.randn(k, c, generator=g), torch.randn(c, generator=g)
+    keep = (torch.rand(s, 3, k, generator=g) < 0.5).float()
+    sparse = _SparseCoefficients.of(U, V)
+    assert sparse is not None
+    got = sparse.substitute(1, 4, keep, beta, (h, w))  # inputs 1..3, every step
+    dense = beta + (U[1:4].unsqueeze(0) * keep.unsqueeze(2)) @ V  # (s, 3, P, C)
+    expected = _layout.from_pfvs(dense.reshape(s * 3, h * w, c), (h, w))
+    assert got.shape == (s * 3, c, h, w)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert _SparseCoefficients.of(torch.randn(n, h * w, k, generator=g), V) is None  # dense: the dense product

@@ -116,3 +116,25 @@ def test_concepts_fitted_on_other_images_than_those_attributed(workspace, tmp_pa
     assert summary["heldout"]["rel_l2"] == pytest.approx(rel, rel=1e-4) and summary["n_pfvs"] == 12 * 4
     diag = json.loads((tmp_path / "out" / "diagnostics.json").read_text())
     assert set(diag) == set(LAYERS) and len(diag["block2"]["distinct_images"]) == 6
+
+
+def test_spearman_of_the_evaluation_agrees_with_scipy():
+    from scipy.stats import spearmanr
+
+    from captum_gig._stages import _spearman
+
+    g = torch.Generator().manual_seed(0)
+    attr = torch.randn(40, 50, generator=g).round()  # ties in the attributions, averaged as scipy does
+    exact = torch.randn(40, 50, generator=g)
+    exact[exact.abs() < 0.4] = 0  # absent concepts are left out
+    exact[3, 2:] = 0  # fewer than 3 present: the row is skipped
+    attr[7] = 1.0  # a constant order: skipped
+    expected = []
+    for a, e in zip(attr.double(), exact.double()):
+        idx = (e != 0).nonzero().flatten()
+        idx = idx[e[idx].abs().argsort(descending=True)[:32]]
+        if idx.numel() >= 3 and a[idx].unique().numel() > 1:
+            expected.append(spearmanr(a[idx].numpy(), e[idx].numpy()).statistic)
+    got = _spearman(attr, exact, 32)
+    assert len(got) == len(expected) == 38
+    assert max(abs(x - y) for x, y in zip(got, expected)) < 1e-6
