@@ -118,12 +118,21 @@ def _padded_width(size: int, gram: bool) -> int:
     return -(-size // quarter) * quarter
 
 
+#: a cluster whose rows' mean cosine distance to their centroid is below this is one direction and is not
+#: split (its halves would be two copies of one concept: on Fashion-MNIST, 29 of block1's 128 concepts were
+#: the blank background, split again and again because it is the largest cluster)
+IDENTICAL_BELOW = 1e-3
+
+
 class BisectingSphericalKMeans:
     r"""Bisecting spherical k-means (Steinbach et al. 2000; Dhillon & Modha 2001).
 
     Rows are L2-normalised; starting from one cluster, the largest cluster
     (ties: the lowest index) is split in two with spherical 2-means (cosine
     similarity, centroids are normalised sums) until ``n_clusters`` exist.
+    A cluster whose rows all point the same way (such as the PFVs of every
+    image's blank background) is never split: its halves would be one
+    concept twice.
 
     Each 2-means starts from the split along the cluster's principal direction
     (Lanczos for large clusters, the power method for batches of smaller
@@ -241,8 +250,16 @@ class BisectingSphericalKMeans:
         batched = max(BATCH_SPLIT_ROWS, _gram_split_rows(Y.shape[1]))
         grams = _GramStore(n, Y.device)
         while len(members) < k:
+            if not heap:
+                raise ValueError(f"the PFVs have only {len(members)} distinct directions (clusters of equal rows "
+                                 f"are not split); n_clusters={k} is too many")
             neg_size, j = heapq.heappop(heap)
             idx = members[j]
+            if -neg_size < 2 or self._identical(Y, idx):
+                # its halves would be one concept twice (e.g. the background positions of every image):
+                # the cluster stays whole and the next largest is split instead
+                ready.pop(j, None)
+                continue
             history.append((j, -neg_size))
             if -neg_size <= batched:
                 if j not in ready:
@@ -264,6 +281,15 @@ class BisectingSphericalKMeans:
             heapq.heappush(heap, (-int(sizes[0]), j))
             heapq.heappush(heap, (-int(sizes[1]), len(members) - 1))
             bar.update(1)
+
+    def _identical(self, Y: Tensor, idx: Tensor) -> bool:
+        """Whether the cluster's (unit) rows are one direction: their mean cosine distance to the centroid
+        is below :data:`IDENTICAL_BELOW`."""
+        part = Y.index_select(0, idx)
+        total = self._reduce(part.sum(0, dtype=torch.float64))
+        # the centroid's cosine summed over rows is ||sum||; rows minus it is the summed distance
+        n = self._reduce(torch.tensor([float(part.shape[0])], dtype=torch.float64, device=Y.device))[0]
+        return float(n - total.norm()) < IDENTICAL_BELOW * float(n)
 
     def _start_vector(self, c: int, split_number: int, like: Tensor) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + split_number)

@@ -610,12 +610,16 @@ def _homotopy(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: floa
     steps = max_steps if max_steps is not None else 4 * rank + 16
     c = Xc.to(wide) @ Vw.t()  # correlations of every concept with the residual (the residual is xc at u = 0)
     score = c.clamp_min(0) if positive else c.abs()
+    # a concept parallel to another never joins: with both active G_AA is singular and the path's direction
+    # blows up into huge cancelling coefficients; the Lasso puts the pair's weight on the longer one
+    twin = _twins(gram)
+    score = score.masked_fill(twin, -1.0)
     lam, first = score.max(1)
     rows = (lam > alpha).nonzero().squeeze(1)  # the others are solved by u = 0
     c, lam = c[rows], lam[rows]
     m = rows.shape[0]
     u = torch.zeros(m, k, dtype=wide, device=Xc.device)
-    free = torch.ones(m, k, dtype=torch.bool, device=Xc.device)  # concepts that may join
+    free = (~twin).expand(m, k).clone()  # concepts that may join
     # the active set as a list of slots per row: a joining concept takes a new slot, a leaving one empties its slot
     idx = first[rows].unsqueeze(1)
     inside = torch.ones(m, 1, dtype=torch.bool, device=Xc.device)
@@ -678,8 +682,23 @@ def _homotopy(Xc: Tensor, V: Tensor, gram: Tensor, lipschitz: float, alpha: floa
     primal, gap = _duality_gap(Xc, out, V, alpha, positive)
     open_ = gap > tol * primal.clamp_min(1e-30)
     if bool(open_.any()):
-        out[open_] = _fista(Xc[open_], V, lipschitz, alpha, max_iter, tol, positive, start=out[open_])
+        # a path gone astray (huge cancelling coefficients) is a worse start than zero, which costs 0.5 ||xc||^2
+        start = torch.where((primal[open_] > 0.5 * Xc[open_].pow(2).sum(1)).unsqueeze(1),
+                            torch.zeros_like(out[open_]), out[open_])
+        out[open_] = _fista(Xc[open_], V, lipschitz, alpha, max_iter, tol, positive, start=start)
     return out
+
+
+def _twins(gram: Tensor) -> Tensor:
+    """``(K,)`` concepts parallel to another one at least as long (ties: an earlier one)."""
+    k = gram.shape[0]
+    norms = gram.diagonal().clamp_min(1e-300).sqrt()
+    parallel = gram / norms.unsqueeze(1) / norms.unsqueeze(0) > 1 - 1e-9
+    parallel.fill_diagonal_(False)
+    order = torch.arange(k, device=gram.device)
+    longer = (norms.unsqueeze(1) > norms.unsqueeze(0)) | (
+        (norms.unsqueeze(1) == norms.unsqueeze(0)) & (order.unsqueeze(1) < order.unsqueeze(0)))
+    return (parallel & longer).any(0)  # column j: some i parallel to j and longer
 
 
 def _solve_active(gram: Tensor, idx: Tensor, inside: Tensor, rhs: Tensor) -> Tensor:

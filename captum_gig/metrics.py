@@ -216,6 +216,11 @@ class _SparseCoefficients:
         return _layout.from_pfvs(z.reshape(S * (i1 - i0), self.p, C), spatial).contiguous()
 
 
+#: inter-layer curves count a target in an input where its projection at the full reconstruction is at least
+#: this share of its largest over the inputs (ratios to a near-zero projection are noise, not evidence)
+SHOWS_AT = 0.01
+
+
 def _substituted_scores(run: _Substitution, dec, inputs: Tensor, U: Tensor, ranks: Tensor,
                         counts: Tensor, deletion: bool, readout, batch_size: Optional[int], progress: bool,
                         desc: str, sparse: Optional[_SparseCoefficients] = None) -> Tensor:
@@ -498,7 +503,9 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
         any_ranks = torch.zeros(n, k, dtype=torch.long, device=U.device)
         ref = _substituted_scores(run, dec_a, inputs, U, any_ranks, ref_counts, deletion, readout, batch_size,
                                   False, desc, sparse)[0]  # (N, T)
-        valid = ref > 1e-8 * ref.abs().amax(0, keepdim=True).clamp_min(1e-30)
+        # the curves divide by ref: an input where the target barely shows (a projection near zero) would
+        # dominate every mean, so a target counts where it reaches SHOWS_AT of its largest projection
+        valid = (ref > 0) & (ref >= SHOWS_AT * ref.amax(0, keepdim=True))
         absent = [j for j in range(slots) if not bool(valid[:, j].any())]
         named = table[0].tolist() if not per_input else list(range(slots))
         what = "target concept" if not per_input else "target slot"
@@ -511,7 +518,7 @@ def _interlayer(deletion: bool, model, layer_a, decomposer_a, layer_b, decompose
         for j in range(slots):
             if j not in absent and not bool(valid[:, j].all()):
                 warnings.warn(f"{what} {named[j]}: {int((~valid[:, j]).sum())} of {n} inputs have no positive "
-                              "projection on it and are left out")
+                              f"projection on it above {SHOWS_AT:.0%} of its largest and are left out")
         kept = torch.tensor([j not in absent for j in range(slots)], device=U.device)
 
         def normalised(x: Tensor) -> Tensor:  # (S, N, T) over the reference, NaN where left out

@@ -297,3 +297,21 @@ def test_lanczos_and_power_directions_find_the_top_eigenvector():
         for i in range(3):  # each operator's result is its own, whatever else is in the batch
             alone = find(lambda x, i=i: (A[i : i + 1] @ x.unsqueeze(2)).squeeze(2), start[i : i + 1], 60)
             assert torch.allclose(alone[0], v[i], atol=1e-10)
+
+
+def test_a_cluster_of_one_direction_is_never_split_into_copies():
+    # 60% of the rows are one direction (like every image's blank background), the rest 12 planted clusters:
+    # splitting the largest cluster would copy the background concept again and again
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(12, 16, generator=g), dim=1)
+    planted = centres[torch.randint(0, 12, (800,), generator=g)] + 0.15 * torch.randn(800, 16, generator=g)
+    background = torch.randn(1, 16, generator=g).expand(1200, 16) * (1 + 1e-3 * torch.rand(1200, 1, generator=g))
+    X = torch.cat([background, planted])
+    km = BisectingSphericalKMeans(24, seed=0).fit(X)
+    C = km.cluster_centers_.double()
+    cos = C @ C.t() - 2 * torch.eye(24, dtype=torch.float64)
+    assert float(cos.max()) < 0.99  # no two concepts are one direction
+    assert torch.unique(km.labels_[:1200]).numel() == 1  # the background is one concept, all of it
+    assert int(km.counts_.max()) == 1200
+    with pytest.raises(ValueError, match="distinct directions"):
+        BisectingSphericalKMeans(3, seed=0).fit(background[:50].clone())

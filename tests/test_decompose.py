@@ -248,3 +248,21 @@ def test_sparse_reconstruction_equals_the_dense_product():
     wanted = U.clone().requires_grad_(True)  # gradients: the ordinary product, which has them
     sparse_times(wanted, V).sum().backward()
     assert torch.allclose(wanted.grad, V.sum(1).expand_as(U))
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-7, 1e-6, 1e-5])
+def test_homotopy_with_near_copies_of_concepts_stays_at_the_lasso_solution(noise):
+    # two concepts one direction (a basis with a duplicated cluster) make the active Gram singular: the path
+    # must not blow up into huge cancelling coefficients (it did: |u| ~ 1e5 at noise 1e-7)
+    g = torch.Generator().manual_seed(0)
+    V = torch.nn.functional.normalize(torch.randn(150, 32, generator=g), dim=1)
+    V[100:150] = V[0:50] + noise * torch.randn(50, 32, generator=g)
+    basis = ConceptBasis(V, torch.zeros(32))
+    X = (torch.rand(300, 150, generator=g) < 0.03).float() @ V + 0.1 * torch.randn(300, 32, generator=g)
+    U = PFVDecomposer(basis, alpha=0.3, solver="homotopy").transform(X)
+    assert float(U.abs().max()) < 10
+    # the Lasso's optimality conditions (an independent certificate): |corr| <= alpha, = alpha sign(u) on the support
+    corr = (X - U @ V).double() @ V.double().t()
+    assert float(corr.abs().max()) <= 0.3 * (1 + 1e-3)
+    on = U != 0
+    assert float((corr[on] - 0.3 * U[on].sign()).abs().max()) <= 0.3 * 1e-3
