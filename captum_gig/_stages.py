@@ -664,7 +664,8 @@ def _orders_to_class(run, layer: str, dec, images: Tensor, c: int, methods: List
     return out
 
 
-def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[str], pairs, seed: int) -> Dict[str, Any]:
+def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[str], pairs, seed: int,
+                     inter_share: float = 1.0) -> Dict[str, Any]:
     from .baselines import ConceptAblation, attribution_class
     from .metrics import concept_deletion, concept_insertion, interlayer_deletion, interlayer_insertion
 
@@ -705,6 +706,10 @@ def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[st
             images[few], target=c, coefficients=U_last[few])
         for m, a in per_image.items():
             tally.rho[(f"{last}->class", m)] += _spearman(a[few], exact, 32)
+        # the inter-layer curves need the earlier layers' Lasso at every position: on a share of the images
+        n = max(1, round(n * inter_share))
+        images, solved = images[:n], {}
+        few = slice(0, min(n, SPEARMAN_IMAGES))
         for a_name, b_name in pairs:
             if b_name == last:
                 relevance = per_image["gig"].mean(0)
@@ -751,6 +756,7 @@ def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[st
                         tally.add(f"interlayer_{kind}|{name}", m, curve, n)
     out = tally.result()
     out["n_images"] = len(idx)
+    out["interlayer_share"] = inter_share
     out["classes"] = {str(c): int((cls_of[sub] == c).sum()) for c in classes}
     return out
 
@@ -768,14 +774,17 @@ def stage_evaluate(run) -> List[str]:
     runs = []
     for seed in seeds:
         idx = stratified(cls_of, int(run.s["eval_images"]), seed, only=classes_arg(run))
-        runs.append(_evaluate_subset(run, decs, idx, cls_of, methods, pairs, seed))
+        inter = run.s.get("eval_interlayer_images")
+        share = 1.0 if not inter else min(1.0, int(inter) / max(1, len(idx)))
+        runs.append(_evaluate_subset(run, decs, idx, cls_of, methods, pairs, seed, share))
     first = runs[0]
     for curve, entry in first["curves"].items():
         for m, e in entry["methods"].items():
             aucs = [r["curves"][curve]["methods"][m]["auc"] for r in runs]
             e["auc_by_seed"] = aucs
             e["auc_spread"] = max(aucs) - min(aucs)
-    result = {"seeds": seeds, "n_images": first["n_images"], "classes": first["classes"], "methods": methods,
+    result = {"seeds": seeds, "n_images": first["n_images"],
+              "interlayer_images": sum(max(1, round(n * first["interlayer_share"])) for n in first["classes"].values()), "classes": first["classes"], "methods": methods,
               "class_names": names, "curves": first["curves"], "spearman_vs_ablation": first["spearman_vs_ablation"],
               "spearman_by_seed": [r["spearman_vs_ablation"] for r in runs], "layers": layers,
               "pairs": [list(p) for p in pairs]}

@@ -100,6 +100,9 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-images", type=int, help="images evaluated, class-stratified (default: 16)")
     g.add_argument("--eval-seeds", type=int, help="evaluate this many subsets, drawn with seeds seed, seed+1, ... "
                                                   "(the AUCs' spread; default: 1)")
+    g.add_argument("--eval-interlayer-images", type=int,
+                   help="of each subset, images (class-stratified) for the inter-layer curves, which need the earlier "
+                        "layers' Lasso at every position (default: all of them)")
     g.add_argument("--eval-pairs", choices=["last", "all"], help="layer transitions of the inter-layer curves (default: last)")
     g.add_argument("--eval-targets", type=int, help="layer-b concepts per class the inter-layer curves follow (default: 3)")
     g.add_argument("--baselines", nargs="*", help="attributions compared with GIG wherever concepts are ordered: "

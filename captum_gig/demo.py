@@ -8,7 +8,8 @@ own, shown together in ``OUT/index.html``:
    training images, K = 8 x channels in every layer, every held-out test PFV
    decomposed, class GIG over a class-stratified 2,000 test images, a graph
    for every class and for three pairs of classes the model confuses, and the
-   evaluation on 1,000 test images drawn twice (the AUCs' spread).
+   evaluation on 1,000 test images drawn twice (the AUCs' spread; the
+   inter-layer curves, which need every position's Lasso, on 250 of them).
 2. **EfficientNet-Lite0 (ImageNet weights) on every real photo available
    offline** (scikit-image, scikit-learn, matplotlib and Debian's
    ``opencv-doc``), each photo with seven crops and flips so that concepts
@@ -35,15 +36,15 @@ FASHION_MNIST_DEMO: Dict[str, Any] = {
     "attribute_images": 2000, "interlayer_images": 64, "n_steps": 16, "top_k": 5,
     "graph": ["class:all", "pair:Shirt,T-shirt/top", "pair:Pullover,Coat", "pair:Sneaker,Ankle boot"],
     "atlas_top": 6, "ierf": "ixg", "eval_images": 1000, "eval_seeds": 2, "eval_pairs": "all", "eval_steps": 8,
-    "eval_targets": 3, "batch_size": 64,
+    "eval_interlayer_images": 250, "eval_targets": 3, "batch_size": 64,
 }
 
 #: part 2: EfficientNet-Lite0 on the real photos, augmented
 PHOTOS_DEMO: Dict[str, Any] = {
     "model": "efficientnet-lite0", "data": "photos", "augment": 7, "image_size": 160,
     "layers": ["_blocks.5", "_blocks.8", "_blocks.10"], "per_image": 16, "concept_factor": 8, "min_members": 32,
-    "n_steps": 8, "top_k": 4, "atlas_top": 6, "ierf": "ixg", "interlayer_images": 16, "eval_images": 48,
-    "eval_seeds": 1, "eval_steps": 8, "eval_targets": 3, "batch_size": 16,
+    "n_steps": 8, "top_k": 4, "atlas_top": 4, "ierf": "ixg", "attribute_images": 96, "interlayer_images": 16,
+    "eval_images": 24, "eval_seeds": 1, "eval_steps": 8, "eval_targets": 3, "batch_size": 16,
 }
 
 #: ``--quick``: the same parts at sizes for tests (seconds, not minutes)

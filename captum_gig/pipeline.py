@@ -104,6 +104,7 @@ class Config:
     interlayer: str = "graph"
     interlayer_images: Optional[int] = 64
     eval_seeds: int = 1
+    eval_interlayer_images: Optional[int] = None
     eval_pairs: str = "last"
     eval_targets: int = 3
     baselines: Optional[List[str]] = dataclasses.field(default_factory=lambda: ["endpoint", "magnitude"])
@@ -161,7 +162,8 @@ DEFAULTS: Dict[str, Any] = Config().as_dict()
 #: integer settings that must be positive (``augment``: >= 0)
 POSITIVE_SETTINGS = ("limit", "augment", "per_image", "concepts", "concept_factor", "min_members", "n_steps", "top_k",
                      "atlas_top", "atlas_images", "eval_steps", "eval_images", "batch_size", "image_size", "fit_limit",
-                     "attribute_images", "interlayer_images", "eval_seeds", "eval_targets", "diversity_top")
+                     "attribute_images", "interlayer_images", "eval_seeds", "eval_targets", "diversity_top",
+                     "eval_interlayer_images")
 
 #: settings with a fixed set of values
 CHOICES = {"interlayer": ("graph", "all"), "eval_pairs": ("last", "all"), "class_layers": ("last", "all"),
@@ -176,7 +178,8 @@ STAGE_KEYS: Dict[str, List[str]] = {
     "attribute": ["n_steps", "output", "classes", "class_layers", "attribute_images", "interlayer", "interlayer_images",
                   "graph", "top_k"],
     "graph": ["atlas_top", "atlas_images", "ierf"],
-    "evaluate": ["eval_steps", "eval_images", "eval_seeds", "eval_pairs", "eval_targets", "baselines"],
+    "evaluate": ["eval_steps", "eval_images", "eval_seeds", "eval_pairs", "eval_targets", "baselines",
+                 "eval_interlayer_images"],
 }
 STAGE_DEPENDS = {"extract": [], "fit": ["extract"], "decompose": ["fit"], "attribute": ["decompose"],
                  "graph": ["attribute"], "evaluate": ["attribute"]}

@@ -175,7 +175,9 @@ def _evaluation(run, base: str) -> List[str]:
              "probability (lower / higher AUC is better); the inter-layer curves do the same for a layer's concepts "
              "ordered by their attribution to each image's top concepts of the next layer, following the normalised "
              "maximum projection (paper Fig. 5). GIG is compared with the coefficient magnitude |u| ||v||, the "
-             "endpoint gradient (GIG with one point at alpha = 1) and random orders.</p>",
+             "endpoint gradient (GIG with one point at alpha = 1) and random orders."
+             + (f" The inter-layer curves use {m['interlayer_images']} of each subset's images (the same share of "
+                "every class)." if m.get("interlayer_images") not in (None, m["n_images"]) else "") + "</p>",
              f"<p><img src='{esc(base)}evaluation/curves.png' alt='deletion and insertion curves'></p>",
              "<table><tr><th class='l'>curve</th>"
              + "".join(f"<th>{esc(x)} AUC</th>" for x in methods)
