@@ -67,7 +67,10 @@ def tables(metrics: Dict[str, Any], title: str) -> List[str]:
     head = "| curve | " + " | ".join(LABELS[m] for m in methods) + \
            " | images on which GIG's AUC is better than: endpoint / magnitude / random | verdict |"
     lines = [f"**{title}** ({metrics['n_images']} images, {len(metrics['classes'])} classes, "
-             f"seeds {', '.join(map(str, metrics['seeds']))}; AUC, +- the spread over seeds where there are two)", "",
+             f"seeds {', '.join(map(str, metrics['seeds']))}"
+             + (f"; the inter-layer curves on {metrics['interlayer_images']} of them"
+                if metrics.get("interlayer_images") not in (None, metrics["n_images"]) else "")
+             + "; AUC, +- the spread over seeds where there are two)", "",
              head, "|" + "---|" * (len(methods) + 3)]
     for curve, entry in metrics["curves"].items():
         ms = entry["methods"]
