@@ -478,26 +478,33 @@ def _close_figures() -> None:
         pass
 
 
-def class_heatmap(ca, names: Sequence[str], path: str, title: str, top: int = 3, share: float = 0.05) -> None:
+def class_heatmap(ca, names: Sequence[str], path: str, title: str, top: int = 3, share: float = 0.05,
+                  max_classes: int = 24, max_rows: int = 40) -> None:
     """Concept x class heat map of the share of each class's positive class GIG, for the classes' top concepts.
 
     Rows are the union of every class's ``top`` concepts, those that give at
-    least ``share`` to several classes first (marked with a star).
+    least ``share`` to several classes first (marked with a star). A legible
+    map shows at most the ``max_classes`` classes with the most images and
+    ``max_rows`` concepts.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    g = ca.mean.double().clamp_min(0)
+    classes = torch.arange(len(ca.classes))
+    if len(classes) > max_classes:
+        classes = ca.counts.argsort(descending=True, stable=True)[:max_classes].sort().values
+        title += f", the {max_classes} classes with most images"
+    g = ca.mean.double().clamp_min(0)[classes]
     shares = g / g.sum(1, keepdim=True).clamp_min(1e-300)  # (n_classes, K)
     rows = sorted({int(q) for r in shares for q in r.topk(min(top, r.numel())).indices})
     served = (shares[:, rows] >= share).sum(0)
     order = sorted(range(len(rows)), key=lambda i: (-int(served[i]), int(shares[:, rows[i]].argmax()),
-                                                     -float(shares[:, rows[i]].max())))
+                                                     -float(shares[:, rows[i]].max())))[:max_rows]
     rows = [rows[i] for i in order]
     M = shares[:, rows].t().numpy()  # (concepts, classes)
-    labels = [names[c] if 0 <= c < len(names) else str(c) for c in ca.classes.tolist()]
+    labels = [names[c] if 0 <= c < len(names) else str(c) for c in ca.classes[classes].tolist()]
     fig, ax = plt.subplots(figsize=(1.1 + 0.62 * len(labels), 1.2 + 0.24 * len(rows)))
     im = ax.imshow(M, cmap="Blues", vmin=0, vmax=max(float(M.max()), 1e-9), aspect="auto")
     for i in range(M.shape[0]):
