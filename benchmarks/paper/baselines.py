@@ -7,7 +7,7 @@ the Fashion-MNIST part's evaluation on N test images (every class, one seed) in 
 part's folder, resuming every other stage from the demo's artifacts.
 
     captum-gig demo --out demo
-    python benchmarks/paper/baselines.py --demo demo --eval-images 10000
+    python benchmarks/paper/baselines.py --demo demo --eval-images 10000 --eval-interlayer-images 1000
 
 Writes ``benchmarks/paper/fig_baselines.png`` and replaces the section between the markers
 ``<!-- baselines:begin -->`` and ``<!-- baselines:end -->`` of ``benchmarks/paper/REPORT.md``.
@@ -125,7 +125,7 @@ def figure(parts: Dict[str, Dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def rerun_fashion(demo: str, n_images: int, work: str) -> str:
+def rerun_fashion(demo: str, n_images: int, n_interlayer: int, work: str) -> str:
     """The Fashion-MNIST part's evaluation on ``n_images`` test images, in a copy of its folder."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
     from captum_gig.demo import FASHION_MNIST_DEMO
@@ -134,7 +134,8 @@ def rerun_fashion(demo: str, n_images: int, work: str) -> str:
     target = os.path.join(work, f"fashion-mnist-{n_images}")
     if not os.path.isdir(target):
         shutil.copytree(os.path.join(demo, "fashion-mnist"), target)
-    pipe = Pipeline(Config(**dict(FASHION_MNIST_DEMO, eval_images=n_images, eval_seeds=1)), target)
+    pipe = Pipeline(Config(**dict(FASHION_MNIST_DEMO, eval_images=n_images, eval_seeds=1,
+                                  eval_interlayer_images=n_interlayer)), target)
     pipe.evaluate()
     return target
 
@@ -144,6 +145,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--demo", required=True, help="a finished `captum-gig demo --out` folder")
     ap.add_argument("--eval-images", type=int, default=0,
                     help="re-run the Fashion-MNIST evaluation on this many test images (0: the demo's own)")
+    ap.add_argument("--eval-interlayer-images", type=int, default=1000,
+                    help="of those, images for the inter-layer curves (class-stratified)")
     ap.add_argument("--work", default=None, help="folder for the re-run (default: DEMO/../baselines-work)")
     ap.add_argument("--report", default=os.path.join(HERE, "REPORT.md"))
     args = ap.parse_args(argv)
@@ -155,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         parts["Fashion-MNIST CNN, test images (the demo's evaluation)"] = fashion
     if args.eval_images:
         work = args.work or os.path.join(os.path.dirname(os.path.abspath(args.demo)), "baselines-work")
-        folder = rerun_fashion(args.demo, args.eval_images, work)
+        folder = rerun_fashion(args.demo, args.eval_images, args.eval_interlayer_images, work)
         parts[f"Fashion-MNIST CNN, {args.eval_images} test images"] = _load(folder)
     photos = _load(os.path.join(args.demo, "photos"))
     if photos is not None:
