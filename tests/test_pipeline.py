@@ -138,3 +138,14 @@ def test_spearman_of_the_evaluation_agrees_with_scipy():
     got = _spearman(attr, exact, 32)
     assert len(got) == len(expected) == 38
     assert max(abs(x - y) for x, y in zip(got, expected)) < 1e-6
+
+
+def test_interlayer_curves_on_a_share_of_the_evaluated_images(workspace, tmp_path):
+    pipe = pipeline.Pipeline(config(workspace, eval_images=12, eval_interlayer_images=6), tmp_path / "out",
+                             device="cpu", quiet=True)
+    pipe.run(["evaluate"], report=False)
+    metrics = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
+    assert metrics["n_images"] == 12 and metrics["interlayer_images"] == 6
+    for curve, entry in metrics["curves"].items():
+        expected = 6 if curve.startswith("interlayer") else 12
+        assert {e["n_images"] for e in entry["methods"].values()} == {expected}, curve
