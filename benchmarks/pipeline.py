@@ -15,6 +15,8 @@ background thread). The attribute stage is split into its class attribution
 (time inside ``aggregate.class_attribution``) and its inter-layer attribution
 (time inside ``aggregate.interlayer_attribution``) by wrapping those two
 functions in the benchmark process; the rest of the stage is "attribute (rest)".
+The graph stage's time inside ``ierf.receptive_fields`` (the atlases' probes)
+is reported the same way.
 
 attribute, graph and evaluate run on capped subsets by design
 (``--attribute-images``, ``--interlayer-images``, ``--eval-images``,
@@ -30,9 +32,10 @@ inter-layer schedule (``interlayer="all"``: every layer-b concept's column on
 every image of the attribute subset) against the default (``"graph"``: only
 the columns the graphs keep, on up to ``interlayer_images`` images per class).
 
-    python benchmarks/pipeline.py                     # N = 256 ... 2048, about 30-40 min on 2 cores
-    python benchmarks/pipeline.py --quick             # N = 32, 64, 128, a few minutes
-    python benchmarks/pipeline.py --device cuda       # passes the device to Pipeline
+    python benchmarks/pipeline.py                     # N = 256 ... 2048: ~100 min on 2 cores (to 1024: 63 min)
+    python benchmarks/pipeline.py --quick             # N = 16, 32, 64, 2 layers at 112 px, under 5 min
+    python benchmarks/pipeline.py --device cuda       # passes the device to Pipeline (not run: no GPU here)
+    python benchmarks/pipeline.py --render results/pipeline-cpu.json [--attach-quick quick.json]  # .md/.png again
 
 Writes ``benchmarks/results/pipeline-<device>.{json,md,png}`` (``--quick``: a
 temporary folder unless ``--out`` is given) and ends with ``ratio ...`` lines.
@@ -60,8 +63,11 @@ if ROOT not in sys.path:
 PAPER_LAYERS = ["layer1.1", "layer2.0", "layer2.2", "layer3.0", "layer3.2", "layer3.4", "layer4.0", "layer4.2"]
 STAGES = ["extract", "fit", "decompose", "attribute", "graph", "evaluate", "report"]
 #: rows of the tables: the stages, with attribute split into its parts
+#: the rows that add up to the total
+PARTS = ["extract", "fit", "decompose", "attribute:class", "attribute:interlayer", "attribute:rest", "graph",
+         "evaluate", "report"]
 ROWS = ["extract", "fit", "decompose", "attribute:class", "attribute:interlayer", "attribute:rest", "attribute",
-        "graph", "evaluate", "report", "total"]
+        "graph", "graph:receptive_fields", "evaluate", "report", "total"]
 
 
 def resnet50_preact():
@@ -213,9 +219,16 @@ def worker(spec_path: str) -> None:
 
     aggregate.class_attribution = wrap(aggregate.class_attribution, "class")
     aggregate.interlayer_attribution = wrap(aggregate.interlayer_attribution, "interlayer")
+    import importlib
+
+    ierf_module = importlib.import_module("captum_gig.ierf")  # the module (the package exports a function ierf)
+    ierf_module.receptive_fields = wrap(ierf_module.receptive_fields, "receptive_fields")  # the atlases' RF probes
     t_start = time.perf_counter()
     pipe = Pipeline(Config.from_dict(spec["config"]), spec["out"], device=spec["device"], quiet=not spec.get("verbose"),
                     force=bool(spec.get("force")), command=spec.get("command"))
+    for name in spec.get("force_stages", []):  # recompute these even where their artifacts are up to date
+        if os.path.isfile(pipe._marker(name)) and dist_.is_main_process():
+            os.remove(pipe._marker(name))
     stages = {}
     for name in spec["stages"]:
         current["stage"] = name
@@ -237,8 +250,12 @@ def worker(spec_path: str) -> None:
                 stages[f"attribute:{part}"] = {"seconds": w, "cpu_seconds": c, "calls": calls}
             stages["attribute:rest"] = {
                 "seconds": wall - stages["attribute:class"]["seconds"] - stages["attribute:interlayer"]["seconds"],
-                "cpu_seconds": cpu - stages["attribute:class"]["cpu_seconds"] - stages["attribute:interlayer"]["cpu_seconds"]}
-        if dist_.is_main_process() and spec.get("verbose", True):
+                "cpu_seconds": cpu - stages["attribute:class"]["cpu_seconds"]
+                - stages["attribute:interlayer"]["cpu_seconds"]}
+        if name == "graph":
+            w, c, calls = inner.get(("graph", "receptive_fields"), [0.0, 0.0, 0])
+            stages["graph:receptive_fields"] = {"seconds": w, "cpu_seconds": c, "calls": calls}
+        if dist_.is_main_process():
             print(f"    {name}: {wall:.1f} s wall, {cpu:.1f} s CPU, peak RSS {mem.peak / 2**20:.0f} MiB", flush=True)
     info = {}
     if os.path.isfile(pipe.path("decomposition.json")):
@@ -302,7 +319,8 @@ def launch(spec: dict, folder: str, name: str, world: int = 1) -> dict:
         merged = {}
         for stage in ranks[0]["stages"]:
             per = [rk["stages"][stage] for rk in ranks]
-            merged[stage] = {"seconds": max(p["seconds"] for p in per), "cpu_seconds": max(p["cpu_seconds"] for p in per)}
+            merged[stage] = {"seconds": max(p["seconds"] for p in per),
+                             "cpu_seconds": max(p["cpu_seconds"] for p in per)}
             if "peak_rss" in per[0]:
                 merged[stage]["peak_rss"] = max(p["peak_rss"] for p in per)
                 merged[stage]["peak_rss_sum"] = sum(p["peak_rss"] for p in per)
@@ -310,7 +328,8 @@ def launch(spec: dict, folder: str, name: str, world: int = 1) -> dict:
         res["ranks"] = [rk["stages"] for rk in ranks]
     res["stages"]["total"] = {"seconds": sum(res["stages"][s]["seconds"] for s in STAGES if s in res["stages"]),
                               "cpu_seconds": sum(res["stages"][s]["cpu_seconds"] for s in STAGES if s in res["stages"]),
-                              "peak_rss": max(res["stages"][s].get("peak_rss", 0) for s in STAGES if s in res["stages"])}
+                              "peak_rss": max(res["stages"][s].get("peak_rss", 0)
+                                              for s in STAGES if s in res["stages"])}
     res["process_wall_with_startup"] = wall
     res["load_average"] = {"before": load0, "after": os.getloadavg()}
     res["command"] = cmd
@@ -344,57 +363,89 @@ def cpu_model() -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="N, images (default 256 512 1024 2048; --quick: 32 64 128)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="N, images (default 256 512 1024 2048; --quick: 16 32 64)")
     p.add_argument("--quick", action="store_true", help="small sizes and subsets: a few minutes on 2 CPU cores")
     p.add_argument("--device", default="cpu", help="torch device given to Pipeline (cpu, cuda)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the single process (default: all cores)")
-    p.add_argument("--layers", nargs="+", default=None, help="default: the paper's 8 (as <block>.preact)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads of the single process (default 1: on a shared 2-core machine, 2 threads "
+                        "stall whenever another job holds a core; the 2-process run has 1 thread per process)")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default 224; quick 112)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="default: the paper's 8 (quick: its last 2), as <block> or <block>.preact")
     p.add_argument("--classes", type=int, default=4, help="class folders of the synthetic data")
     p.add_argument("--per-image", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--attribute-images", type=int, default=None, help="class-GIG subset (default 32; quick 16)")
-    p.add_argument("--interlayer-images", type=int, default=None, help="inter-layer GIG images per class (default 8; quick 4)")
-    p.add_argument("--eval-images", type=int, default=None, help="evaluation subset (default 16; quick 8)")
-    p.add_argument("--n-steps", type=int, default=None, help="GIG path points (default 8; quick 4)")
-    p.add_argument("--eval-steps", type=int, default=None, help="deletion / insertion points (default 10; quick 5)")
+    p.add_argument("--attribute-images", type=int, default=None, help="class-GIG subset (default 16; quick 8)")
+    p.add_argument("--interlayer-images", type=int, default=None,
+                   help="inter-layer GIG images per class (default 4; quick 2)")
+    p.add_argument("--eval-images", type=int, default=None, help="evaluation subset (default 8; quick 4)")
+    p.add_argument("--n-steps", type=int, default=None, help="GIG path points (default 4; quick 2)")
+    p.add_argument("--eval-steps", type=int, default=None, help="deletion / insertion points (default 5; quick 3)")
     p.add_argument("--atlas-images", type=int, default=2000, help="images searched for atlas crops (library default)")
-    p.add_argument("--dist-n", type=int, default=None, help="N of the 2-process run (default: the smallest size; 0: skip)")
+    p.add_argument("--atlas-top", type=int, default=None,
+                   help="crops per atlas concept (library default 6; here 2, quick 1)")
+    p.add_argument("--ierf", default="ixg",
+                   help="iERF method of the atlas crops (library default ig, 8 steps per crop)")
+    p.add_argument("--dist-n", type=int, default=None,
+                   help="N of the 2-process run (default: the smallest size; 0: skip)")
     p.add_argument("--world", type=int, default=2, help="processes of the distributed run")
     p.add_argument("--compare-n", type=int, default=None,
-                   help="N of the interlayer=all vs graph comparison (default 64; quick 32; 0: skip)")
+                   help="N of the interlayer=all vs graph comparison (default 128; quick 16; 0: skip)")
     p.add_argument("--compare-layers", nargs="+", default=None,
-                   help="layers of that comparison (default: the paper's first 3; 'all' over 8 layers costs hours on CPU)")
-    p.add_argument("--compare-attribute-images", type=int, default=None, help="its attribute subset (default 4)")
+                   help="layers of that comparison (default: the paper's first 3, quick the 2 of the run)")
+    p.add_argument("--compare-attribute-images", type=int, default=None,
+                   help="its attribute subset (default 4; quick 2)")
     p.add_argument("--compare-n-steps", type=int, default=None, help="its path points (default 4; quick 2)")
+    p.add_argument("--compare-repeats", type=int, default=None,
+                   help="attribute runs of each kind, alternating; the fastest counts (default 2; quick 1)")
     p.add_argument("--project", type=int, default=50000, help="N of the projection")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="folder for images and pipeline outputs (default: a temporary one)")
-    p.add_argument("--out", default=None, help="result prefix (default benchmarks/results/pipeline-<device>; quick: temp)")
+    p.add_argument("--out", default=None,
+                   help="result prefix (default benchmarks/results/pipeline-<device>; quick: temp)")
     p.add_argument("--verbose", action="store_true", help="the pipeline's own log lines")
+    p.add_argument("--render", metavar="JSON", help="write the .md and .png (and print the summary) of a results JSON")
+    p.add_argument("--attach-quick", metavar="JSON", help="with --render: add a --quick run's results to it")
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker)
+    if args.render:
+        with open(args.render) as f:
+            report = json.load(f)
+        saved = report.get("args", {})
+        args.out = args.out or os.path.splitext(os.path.abspath(args.render))[0]
+        args.classes = saved.get("classes", args.classes)
+        args.device = report["machine"].get("device", args.device)
+        if args.attach_quick:
+            with open(args.attach_quick) as f:
+                report["quick"] = json.load(f)
+        done = [n for n in report["sizes"] if str(n) in report["runs"]]
+        return write_outputs(report, args, final=len(done) == len(report["sizes"]))
     if args.quick:
-        defaults = dict(sizes=[32, 64, 128], attribute_images=16, interlayer_images=4, eval_images=8, n_steps=4,
-                        eval_steps=5, compare_n=32, compare_n_steps=2, compare_attribute_images=4)
+        defaults = dict(sizes=[16, 32, 64], layers=PAPER_LAYERS[-2:], image_size=112, attribute_images=8,
+                        interlayer_images=2, eval_images=4, n_steps=2, eval_steps=3, atlas_top=1, compare_n=16,
+                        compare_n_steps=2, compare_attribute_images=2, compare_layers=PAPER_LAYERS[-2:],
+                        compare_repeats=1)
     else:
-        defaults = dict(sizes=[256, 512, 1024, 2048], attribute_images=32, interlayer_images=8, eval_images=16,
-                        n_steps=8, eval_steps=10, compare_n=64, compare_n_steps=4, compare_attribute_images=4)
+        defaults = dict(sizes=[256, 512, 1024, 2048], layers=PAPER_LAYERS, image_size=224, attribute_images=16,
+                        interlayer_images=4, eval_images=8, n_steps=4, eval_steps=5, atlas_top=2, compare_n=128,
+                        compare_n_steps=4, compare_attribute_images=4, compare_layers=PAPER_LAYERS[:3],
+                        compare_repeats=2)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.dist_n is None:
         args.dist_n = min(args.sizes)
-    if args.threads is None:
-        args.threads = os.cpu_count() or 1
-    layers = [f"{l}.preact" if not l.endswith(".preact") else l for l in (args.layers or PAPER_LAYERS)]
-    compare_layers = [f"{l}.preact" if not l.endswith(".preact") else l for l in (args.compare_layers or PAPER_LAYERS[:3])]
+    layers = [f"{l}.preact" if not l.endswith(".preact") else l for l in args.layers]
+    compare_layers = [f"{l}.preact" if not l.endswith(".preact") else l for l in args.compare_layers]
     if args.out is None:
         args.out = (os.path.join(tempfile.gettempdir(), f"captum-gig-pipeline-quick-{args.device.split(':')[0]}")
                     if args.quick else os.path.join(HERE, "results", f"pipeline-{args.device.split(':')[0]}"))
-    command = "python benchmarks/pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python benchmarks/pipeline.py"] + list(sys.argv[1:] if argv is None else argv))
 
     import torch
 
@@ -405,21 +456,25 @@ def main(argv=None):
     print(f"writing {max(args.sizes + [args.dist_n, args.compare_n])} synthetic images ({args.classes} classes) "
           f"under {work}", flush=True)
     t0 = time.perf_counter()
-    write_images(os.path.join(work, "images"), max(args.sizes + [args.dist_n, args.compare_n]), args.classes, 224, args.seed)
+    write_images(os.path.join(work, "images"), max(args.sizes + [args.dist_n, args.compare_n]), args.classes,
+                 max(224, args.image_size), args.seed)
     print(f"  {time.perf_counter() - t0:.1f} s", flush=True)
 
     model_spec = f"module:{os.path.abspath(__file__)}:resnet50_preact"
-    base = dict(model=model_spec, weights="none", image_size=224, normalize="imagenet", layers=layers, by="label",
+    base = dict(model=model_spec, weights="none", image_size=args.image_size, normalize="imagenet", layers=layers,
+                by="label",
                 seed=args.seed, per_image=args.per_image, batch_size=args.batch_size,
                 attribute_images=args.attribute_images, interlayer_images=args.interlayer_images,
                 eval_images=args.eval_images, n_steps=args.n_steps, eval_steps=args.eval_steps,
-                atlas_images=args.atlas_images)
-    settings_shown = {k: base[k] for k in ("by", "per_image", "batch_size", "attribute_images", "interlayer_images",
-                                           "eval_images", "n_steps", "eval_steps", "atlas_images")}
+                atlas_images=args.atlas_images, atlas_top=args.atlas_top, ierf=args.ierf)
+    settings_shown = {k: base[k] for k in ("image_size", "by", "per_image", "batch_size", "attribute_images",
+                                           "interlayer_images",
+                                           "eval_images", "n_steps", "eval_steps", "atlas_images", "atlas_top",
+                                           "ierf")}
     from captum_gig.pipeline import DEFAULTS
 
     settings_shown.update({k: DEFAULTS[k] for k in ("interlayer", "class_layers", "eval_pairs", "eval_targets",
-                                                    "eval_seeds", "baselines", "top_k", "atlas_top", "concept_factor",
+                                                    "eval_seeds", "baselines", "top_k", "concept_factor",
                                                     "min_members", "alpha", "extractor", "sampling", "graph")})
 
     def spec_for(n, threads, stages=STAGES, **changes):
@@ -433,73 +488,98 @@ def main(argv=None):
               "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
                           "python": platform.python_version(), "threads_single_process": args.threads,
                           "device": args.device, "load_average_at_start": os.getloadavg()},
-              "model": "torchvision resnet50(weights=None), seed 0, expose_preactivations; 224 px",
-              "layers": layers, "settings": settings_shown, "sizes": args.sizes, "runs": {}}
+              "model": f"torchvision resnet50(weights=None), seed 0, expose_preactivations; {args.image_size} px",
+              "layers": layers, "settings": settings_shown, "sizes": args.sizes, "runs": {},
+              "args": {k: v for k, v in vars(args).items() if k not in ("worker", "render")}}
     folder = os.path.join(work, "specs")
     os.makedirs(folder, exist_ok=True)
 
-    for n in args.sizes:
-        print(f"N = {n} (1 process, {args.threads} threads)", flush=True)
+    def summarize(final):
+        """Fits, projection and dominant stage over the sizes done so far; writes the outputs."""
+        ns = [int(n) for n in args.sizes if str(n) in report["runs"]]
+        report["sizes_done"] = ns
+        fits = {}
+        for row in ROWS:
+            secs = [report["runs"][str(n)]["stages"].get(row, {}).get("seconds") for n in ns]
+            f = fit_power(ns, secs)
+            if f:
+                a, b = f
+                fits[row] = {"a": a, "exponent": b, "projected_seconds": a * args.project ** b}
+            rss = [report["runs"][str(n)]["stages"].get(row, {}).get("peak_rss") for n in ns]
+            if rss and all(rss):
+                fr = fit_power(ns, rss)
+                if fr:
+                    fits.setdefault(row, {})["rss_exponent"] = fr[1]
+                    fits[row]["projected_peak_rss"] = fr[0] * args.project ** fr[1]
+        report["fits"] = fits
+        report["project"] = args.project
+        candidates = [r for r in fits if r not in ("total", "attribute") and "projected_seconds" in fits[r]]
+        report["dominant_stage"] = max(candidates, key=lambda r: fits[r]["projected_seconds"]) if candidates else None
+        report["machine"]["load_average_at_end"] = os.getloadavg()
+        report["wall_seconds"] = time.perf_counter() - t_all
+        write_outputs(report, args, final=final)
+
+    def sweep(n):
+        print(f"N = {n} (1 process, {args.threads} thread(s))", flush=True)
         res = launch(spec_for(n, args.threads), folder, f"n{n}")
         report["runs"][str(n)] = res
-        print(f"  total {res['stages']['total']['seconds']:.1f} s", flush=True)
+        print(f"  total {res['stages']['total']['seconds']:.1f} s ({time.perf_counter() - t_all:.0f} s so far)",
+              flush=True)
 
-    if args.dist_n:
+    def distributed():
         n = args.dist_n
-        if str(n) not in report["runs"]:
+        one = report["runs"].get(str(n)) or report.setdefault("extra_runs", {}).get(str(n))
+        if one is None:
             print(f"N = {n} (1 process, {args.threads} threads) for the distributed comparison", flush=True)
-            report["runs"][str(n)] = launch(spec_for(n, args.threads), folder, f"n{n}")
+            one = report["extra_runs"][str(n)] = launch(spec_for(n, args.threads), folder, f"n{n}")
         print(f"N = {n} ({args.world} processes, Gloo, 1 thread each)", flush=True)
         res = launch(spec_for(n, 1), folder, f"n{n}-w{args.world}", world=args.world)
-        one = report["runs"][str(n)]["stages"]
+        one = one["stages"]
         report["distributed"] = {
             "n": n, "world": args.world, "threads_per_process": 1, "single_process_threads": args.threads,
-            "result": res,
+            "single": one, "result": res,
             "ratio": {s: one[s]["seconds"] / res["stages"][s]["seconds"] for s in ROWS
                       if s in res["stages"] and res["stages"][s]["seconds"] > 0},
             "cpu_ratio": {s: one[s]["cpu_seconds"] / res["stages"][s]["cpu_seconds"] for s in ROWS
                           if s in res["stages"] and res["stages"][s]["cpu_seconds"] > 0}}
 
-    if args.compare_n:
+    def compare():
         n = args.compare_n
         cmp_settings = dict(layers=compare_layers, attribute_images=args.compare_attribute_images,
                             n_steps=args.compare_n_steps)
-        print(f"N = {n}: attribute with interlayer='graph' (default) and 'all' (the old way), layers {compare_layers}",
-              flush=True)
-        stages = ["extract", "fit", "decompose", "attribute"]
-        after = launch(spec_for(n, args.threads, stages, **cmp_settings), folder, f"cmp{n}-graph")
-        before_spec = spec_for(n, args.threads, ["attribute"], **cmp_settings, interlayer="all")
-        before_spec["out"] = spec_for(n, args.threads, stages, **cmp_settings)["out"]  # reuses extract .. decompose
-        before_spec["force"] = False
-        before = launch(before_spec, folder, f"cmp{n}-all")
+        print(f"N = {n}: attribute with interlayer='graph' (default) and 'all' (the old way), layers {compare_layers}, "
+              f"{args.compare_repeats} runs each, alternating", flush=True)
+        prep = spec_for(n, args.threads, ["extract", "fit", "decompose"], **cmp_settings)
+        prepared = launch(prep, folder, f"cmp{n}-prep")
+        runs = {"graph": [], "all": []}
+        for r in range(args.compare_repeats):
+            for mode in ("graph", "all"):
+                sp = spec_for(n, args.threads, ["attribute"], **cmp_settings, interlayer=mode)
+                sp["out"], sp["force"] = prep["out"], False  # extract .. decompose resumed; attribute recomputed
+                sp["force_stages"] = ["attribute"]
+                runs[mode].append(launch(sp, folder, f"cmp{n}-{mode}-{r}"))
+
+        def best(mode, row):
+            return min(x["stages"][row]["seconds"] for x in runs[mode])
+
+        rows = ("attribute", "attribute:interlayer", "attribute:class")
         report["interlayer_comparison"] = {
             "n": n, "layers": compare_layers, "settings": dict(cmp_settings, interlayer_images=args.interlayer_images),
+            "repeats": args.compare_repeats, "prepared": prepared["info"],
             "solver": "the pipeline's decomposer (solver 'auto') in both: Config has no solver setting",
-            "after": after, "before": before,
-            "ratio": {s: before["stages"][s]["seconds"] / after["stages"][s]["seconds"]
-                      for s in ("attribute", "attribute:interlayer") if after["stages"][s]["seconds"] > 0}}
+            "after": {row: best("graph", row) for row in rows}, "before": {row: best("all", row) for row in rows},
+            "after_runs": runs["graph"], "before_runs": runs["all"]}
+        c = report["interlayer_comparison"]
+        c["ratio"] = {row: c["before"][row] / c["after"][row] for row in rows[:2] if c["after"][row] > 0}
 
-    ns = [int(n) for n in args.sizes]
-    fits = {}
-    for row in ROWS:
-        secs = [report["runs"][str(n)]["stages"][row]["seconds"] for n in ns]
-        f = fit_power(ns, secs)
-        if f:
-            a, b = f
-            fits[row] = {"a": a, "exponent": b, "projected_seconds": a * args.project ** b}
-        rss = [report["runs"][str(n)]["stages"][row].get("peak_rss") for n in ns]
-        if all(rss):
-            fr = fit_power(ns, rss)
-            if fr:
-                fits.setdefault(row, {})["rss_exponent"] = fr[1]
-                fits[row]["projected_peak_rss"] = fr[0] * args.project ** fr[1]
-    report["fits"] = fits
-    report["project"] = args.project
-    candidates = [r for r in fits if r not in ("total", "attribute") and "projected_seconds" in fits[r]]
-    report["dominant_stage"] = max(candidates, key=lambda r: fits[r]["projected_seconds"]) if candidates else None
-    report["machine"]["load_average_at_end"] = os.getloadavg()
-    report["wall_seconds"] = time.perf_counter() - t_all
-    write_outputs(report, args)
+    # the smallest size, then the 2-process run and the comparison (cheap), then the larger sizes
+    todo = [("sweep", n) for n in args.sizes[:1]]
+    todo += [("distributed", None)] if args.dist_n else []
+    todo += [("compare", None)] if args.compare_n else []
+    todo += [("sweep", n) for n in args.sizes[1:]]
+    for i, (what, n) in enumerate(todo):
+        {"sweep": lambda: sweep(n), "distributed": distributed, "compare": compare}[what]()
+        summarize(final=i == len(todo) - 1)
     if own_work:
         import shutil
 
@@ -509,28 +589,37 @@ def main(argv=None):
 # ============================================================================ outputs
 
 
+def _secs(entry):
+    return f"{entry['seconds']:.1f}" if entry else "-"
+
+
 def _mib(b):
     return f"{b / 2**20:.0f}" if b else "-"
 
 
 def _label(row):
     return {"attribute:class": "attribute: class GIG", "attribute:interlayer": "attribute: inter-layer GIG",
-            "attribute:rest": "attribute: rest", "attribute": "attribute (all)"}.get(row, row)
+            "attribute:rest": "attribute: rest", "attribute": "attribute (all)",
+            "graph:receptive_fields": "graph: of which receptive-field probes"}.get(row, row)
 
 
-def write_outputs(report, args):
+def write_outputs(report, args, final=True):
     from captum_gig._io import atomic_write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write_text(args.out + ".json", json.dumps(report, indent=1, default=str) + "\n")
-    ns = [str(n) for n in report["sizes"]]
+    ns = [str(n) for n in report["sizes_done"]]
     runs, fits, s = report["runs"], report["fits"], report["settings"]
+    if not ns:
+        return
+    projected_sum = sum(fits[r]["projected_seconds"] for r in PARTS if "projected_seconds" in fits.get(r, {}))
     m = report["machine"]
     L = [f"# The whole pipeline, per stage (ResNet50, {len(report['layers'])} layers, {args.device})", "",
-         f"`{report['command']}` ({report['date']}, {report['wall_seconds'] / 60:.1f} min in all)", "",
+         f"`{report['command'].strip()}` ({report['date']}, {report['wall_seconds'] / 60:.1f} min in all)", "",
          f"Machine: {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']}, python {m['python']}; the single process "
-         f"runs {m['threads_single_process']} intra-op threads; load average {m['load_average_at_start'][0]:.2f} at "
-         f"the start, {m['load_average_at_end'][0]:.2f} at the end (a shared machine: CPU seconds are in the JSON).", "",
+         f"runs {m['threads_single_process']} intra-op thread(s); load average {m['load_average_at_start'][0]:.2f} at "
+         f"the start, {m['load_average_at_end'][0]:.2f} at the end (a shared machine: CPU seconds are in the "
+         "JSON).", "",
          f"Model: {report['model']}. Layers: {', '.join(report['layers'])}. Data: seeded synthetic ImageFolder "
          f"({args.classes} classes of coloured shapes on smooth noise), classes by label.", "",
          "Capped subsets (explicit settings): " + ", ".join(f"`{k}={v}`" for k, v in s.items()) + ".", "",
@@ -540,14 +629,16 @@ def write_outputs(report, args):
          "of concepts per layer (min(8 x channels, PFVs / 8)) and the PFVs searched for atlas crops. "
          "Their exponents below describe that, not a per-image cost.", "",
          "## Seconds per stage (wall, 1 process)", "",
-         "| stage | " + " | ".join(f"N={n}" for n in ns) + " | exponent | projected s at N=" + f"{report['project']:,} |",
+         "| stage | " + " | ".join(f"N={n}" for n in ns) + f" | exponent | projected s at N={report['project']:,} |",
          "|---|" + "---|" * (len(ns) + 2)]
     for row in ROWS:
         f = fits.get(row, {})
-        L.append(f"| {_label(row)} | " + " | ".join(f"{runs[n]['stages'][row]['seconds']:.1f}" for n in ns)
-                 + f" | {f.get('exponent', float('nan')):.2f} | {f.get('projected_seconds', float('nan')):,.0f} |")
+        L.append(f"| {_label(row)} | " + " | ".join(_secs(runs[n]['stages'].get(row)) for n in ns)
+                 + f" | {f.get('exponent', float('nan')):.2f} | "
+                 + (f"{projected_sum:,.0f} (sum of the stages)" if row == "total"
+                    else f"{f.get('projected_seconds', float('nan')):,.0f}") + " |")
     L += ["", "## Peak resident memory per stage (MiB, 1 process)", "",
-          "| stage | " + " | ".join(f"N={n}" for n in ns) + " | exponent | projected MiB at N=" + f"{report['project']:,} |",
+          "| stage | " + " | ".join(f"N={n}" for n in ns) + f" | exponent | projected MiB at N={report['project']:,} |",
           "|---|" + "---|" * (len(ns) + 2)]
     for row in STAGES + ["total"]:
         f = fits.get(row, {})
@@ -562,21 +653,22 @@ def write_outputs(report, args):
     dom = report["dominant_stage"]
     if dom:
         L += [f"**Dominant stage at N={report['project']:,}: {_label(dom)}**, projected "
-              f"{fits[dom]['projected_seconds'] / 3600:.1f} h (exponent {fits[dom]['exponent']:.2f}); the whole pipeline "
-              f"{fits['total']['projected_seconds'] / 3600:.1f} h by its own fit. Projections extrapolate a power law "
+              f"{fits[dom]['projected_seconds'] / 3600:.1f} h (exponent {fits[dom]['exponent']:.2f}); the stages' "
+              f"projections sum to {projected_sum / 3600:.1f} h. Projections extrapolate a power law "
               f"fitted on N={ns[0]}..{ns[-1]}; the concept count stops growing at 8 x channels "
               f"(from N = 8 x channels images with per_image=8 and min_members=8), which such a fit does not know.", ""]
     d = report.get("distributed")
     if d:
         r2 = d["result"]["stages"]
-        one = runs[str(d["n"])]["stages"]
+        one = d["single"]
         L += [f"## {d['world']} processes (Gloo, torchrun) at N={d['n']}", "",
-              f"Single process: {d['single_process_threads']} threads; each of the {d['world']} processes: 1 thread "
-              f"(both use the whole machine). Ratio = 1-process seconds / {d['world']}-process seconds (slowest rank).", "",
+              f"Single process: {d['single_process_threads']} intra-op thread(s) (the N={d['n']} run of the sweep); "
+              f"each of the {d['world']} processes: 1 thread. Ratio = 1-process seconds / {d['world']}-process "
+              "seconds (slowest rank).", "",
               f"| stage | 1 process (s) | {d['world']} processes (s) | ratio | CPU ratio (busiest rank) |",
               "|---|---|---|---|---|"]
         for row in ROWS:
-            if row in r2:
+            if row in r2 and row in one:
                 L.append(f"| {_label(row)} | {one[row]['seconds']:.1f} | {r2[row]['seconds']:.1f} | "
                          f"{d['ratio'].get(row, float('nan')):.2f} | {d['cpu_ratio'].get(row, float('nan')):.2f} |")
         L.append("")
@@ -584,17 +676,45 @@ def write_outputs(report, args):
     if c:
         L += [f"## Inter-layer attribution: interlayer='all' (before) vs 'graph' (after), N={c['n']}", "",
               f"Layers {', '.join(c['layers'])}; settings " + ", ".join(f"`{k}={v}`" for k, v in c["settings"].items())
-              + f". Solver: {c['solver']}. 'all' computes every layer-b concept's column (through the channel-linearity "
-              "matrix) on every image of the attribute subset; 'graph' only the columns the graphs keep, on up to "
+              + f". Solver: {c['solver']}. 'all' computes every layer-b concept's column (through the "
+              "channel-linearity matrix) on every image of the attribute subset; 'graph' only the columns the "
+              "graphs keep, on up to "
               "`interlayer_images` images per class of the graphs.", "",
               "| part | before: all (s) | after: graph (s) | ratio |", "|---|---|---|---|"]
-        for row in ("attribute:interlayer", "attribute"):
-            L.append(f"| {_label(row)} | {c['before']['stages'][row]['seconds']:.1f} | "
-                     f"{c['after']['stages'][row]['seconds']:.1f} | {c['ratio'].get(row, float('nan')):.1f} |")
-        L += ["", f"Command: `{command_of(report)} --compare-n {c['n']}` (the comparison is part of every run).", ""]
-    L += [f"![seconds per stage](pipeline-{args.device.split(':')[0]}.png)", ""]
+        for row in ("attribute:interlayer", "attribute:class", "attribute"):
+            L.append(f"| {_label(row)} | {c['before'][row]:.1f} | {c['after'][row]:.1f} | "
+                     f"{c['before'][row] / c['after'][row] if c['after'][row] else float('nan'):.1f} |")
+        sizes = c.get("prepared", {}).get("layers", {})
+        L += ["", f"Fastest of {c['repeats']} runs of each, alternating, each in a fresh process resuming extract .. "
+              "decompose. 'all' needs min(K_b, C_b) backward directions per image and path point (concepts, channels "
+              "of layer b): " + "; ".join(f"{k}: K={v['n_concepts']}, C={v['n_channels']}" for k, v in sizes.items())
+              + ". K grows with N up to 8 x C, so the old way's cost grows with N where the graph's does not."]
+        L += ["", f"Command: part of the run above (`{report['command'].strip()}`, settings `--compare-n {c['n']}` "
+              f"`--compare-layers {' '.join(c['layers'])}` "
+              f"`--compare-attribute-images {c['settings']['attribute_images']}` "
+              f"`--compare-n-steps {c['settings']['n_steps']}`).", ""]
+    q = report.get("quick")
+    if q:
+        qn = [str(n) for n in q["sizes_done"]]
+        L += [f"## Quick mode (`{q['command']}`)", "",
+              f"{q['wall_seconds']:.0f} s in all ({q['date']}), on {q['model'].split(';')[-1].strip()}, layers "
+              f"{', '.join(q['layers'])}; settings " + ", ".join(f"`{k}={v}`" for k, v in q["settings"].items()
+                                                              if k in ("attribute_images", "interlayer_images",
+                                                                       "eval_images", "n_steps", "eval_steps",
+                                                                       "atlas_top")) + ". Seconds per stage:", "",
+              "| stage | " + " | ".join(f"N={n}" for n in qn) + " |", "|---|" + "---|" * len(qn)]
+        for row in PARTS + ["total"]:
+            L.append(f"| {_label(row)} | " + " | ".join(_secs(q["runs"][n]["stages"].get(row)) for n in qn) + " |")
+        L.append("")
+    if not final:
+        L += [f"**Partial**: sizes done {ns} of {report['sizes']} (the remaining sizes did not run: stopped, or "
+              "still running).", ""]
+    L += [f"![seconds per stage]({os.path.basename(args.out)}.png)", ""]
     atomic_write_text(args.out + ".md", "\n".join(L) + "\n")
     plot(report, args.out + ".png")
+    if not final:
+        print(f"  partial results ({ns}) written to {args.out}.json, .md, .png", flush=True)
+        return
     print("\n".join(L[L.index("## Seconds per stage (wall, 1 process)"):]))
     if dom:
         print(f"dominant {dom} {fits[dom]['projected_seconds']:.4g}")
@@ -610,37 +730,38 @@ def write_outputs(report, args):
     print(f"written to {args.out}.json, .md, .png")
 
 
-def command_of(report):
-    return report["command"].split(" --compare-n")[0]
-
-
 def plot(report, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ns = [int(n) for n in report["sizes"]]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ns = [int(n) for n in report["sizes_done"]]
+    fig, ax = plt.subplots(figsize=(10, 5))
     for row in ROWS:
         if row == "attribute":
             continue
-        secs = [report["runs"][str(n)]["stages"][row]["seconds"] for n in ns]
-        if not any(x > 0 for x in secs):
+        pts = [(n, report["runs"][str(n)]["stages"][row]["seconds"]) for n in ns
+               if row in report["runs"][str(n)]["stages"]]
+        if not any(x > 0 for _, x in pts):
             continue
         f = report["fits"].get(row, {})
         style = dict(lw=2.4, color="k") if row == "total" else {}
-        (line,) = ax.plot(ns, [max(x, 1e-3) for x in secs], "o-", label=f"{_label(row)} (N^{f.get('exponent', float('nan')):.2f})",
-                          **style)
+        label = _label(row) + (f" (N^{f['exponent']:.2f})" if "exponent" in f else "")
+        ax.plot([n for n, _ in pts], [max(x, 1e-3) for _, x in pts], "x--" if row == "graph:receptive_fields" else "o-",
+                label=label, **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xticks(ns, [str(n) for n in ns])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("N, images")
     ax.set_ylabel("wall seconds")
     ax.set_title(f"captum_gig pipeline, ResNet50, {len(report['layers'])} layers, "
                  f"{report['machine']['nproc']} CPUs ({report['machine']['device']})", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7.5, loc="upper left")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
