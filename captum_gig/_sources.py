@@ -50,11 +50,18 @@ def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise PipelineError(f"--model: torchvision has no model {name!r}{hint}")
         try:
-            return torchvision.models.get_model(name, weights=weights)
+            model = torchvision.models.get_model(name, weights=None if weights in (None, "none") else weights)
         except (ValueError, KeyError) as err:
             raise PipelineError(f"--weights {weights!r} for {name}: {err}") from None
         except OSError as err:  # a download that failed (no network)
             raise PipelineError(f"could not load the weights {weights!r} of {name} (no network?): {err}") from None
+        from .preactivation import expose_preactivations
+
+        try:  # ResNet blocks: the pre-ReLU sums (the paper's PFVs) as hookable layers ``layerX.Y.preact``
+            expose_preactivations(model)
+        except ValueError:  # not a ResNet
+            pass
+        return model
     if spec.startswith("module:"):
         rest = spec[len("module:"):]
         if ":" not in rest:

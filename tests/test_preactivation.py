@@ -39,3 +39,17 @@ def test_preact_is_the_pre_relu_sum():
     assert (pre.value < 0).any(), "pre-activation PFVs should keep negative values"
     pfvs = collect_pfvs(model, "layer2.0.preact", x, progress=False)
     assert pfvs.vectors.shape == (2, 512)
+
+
+def test_pipeline_models_from_torchvision_have_their_preactivations_hookable():
+    from captum_gig._sources import load_model
+
+    torch.manual_seed(0)
+    model = load_model("torchvision:resnet18", "none").eval()  # "none": random weights, as the docs say
+    names = {n for n, _ in model.named_modules() if n.endswith(".preact")}
+    assert names == {f"layer{i}.{j}.preact" for i in range(1, 5) for j in range(2)}
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))  # the same network: only hook points were added
