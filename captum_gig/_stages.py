@@ -367,6 +367,7 @@ def stage_attribute(run) -> List[str]:
                                                {"layer": layer, "by": by, "output": run.s["output"],
                                                 "n_images": len(subset)}))
     ca = results[layers[-1]]
+    _dist.barrier()  # graph_specs reads the class attribution that only the main process wrote
     specs = graph_specs(run)
     drawn = [g for g in specs if g["kind"] != "image"]
     for g in drawn:
