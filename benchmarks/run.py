@@ -73,22 +73,26 @@ def record(name, ours, peer, quality=None, note=""):
 
 
 # -- Lasso decomposition ------------------------------------------------------------------------
+def _our_decomposition(n, c, k, args):
+    """One decomposition case, timed with our Lasso: ``(V, alpha, centred X, seconds, U)`` (X and U float64 on CPU)."""
+    X = relu_like_pfvs(n, c, seed=0)
+    V, mu = concept_matrix(k, c)
+    basis = ConceptBasis(V, mu)
+    alpha = float(args.alpha_fraction * alpha_max(basis, X).median())
+    dev = args.device
+    dec = PFVDecomposer(basis.to(dev), alpha=alpha, tol=1e-4)
+    Xd = X.to(dev)
+    dec.transform(Xd[:8])  # Gram matrix and Lipschitz constant: once per basis, reused over layers' data
+    ours, U = timed(lambda: dec.transform(Xd), args.repeats, dev)
+    return V, alpha, (X - mu).double(), ours, U.double().cpu()
+
+
 def bench_decompose(sizes, args):
     from sklearn.decomposition import sparse_encode
 
     sparse_encode(torch.rand(4, 8).numpy(), torch.rand(16, 8).numpy(), algorithm="lasso_cd", alpha=0.1, n_jobs=2)
     for n, c, k, n_sk, n_lars in sizes:
-        X = relu_like_pfvs(n, c, seed=0)
-        V, mu = concept_matrix(k, c)
-        basis = ConceptBasis(V, mu)
-        alpha = float(args.alpha_fraction * alpha_max(basis, X).median())
-        Xc = (X - mu).double()
-        dev = args.device
-        dec = PFVDecomposer(basis.to(dev), alpha=alpha, tol=1e-4)
-        Xd = X.to(dev)
-        dec.transform(Xd[:8])  # Gram matrix and Lipschitz constant: once per basis, reused over layers' data
-        ours, U = timed(lambda: dec.transform(Xd), args.repeats, dev)
-        U = U.double().cpu()
+        V, alpha, Xc, ours, U = _our_decomposition(n, c, k, args)
         sub = slice(0, n_sk)
         Xs = Xc[sub].float().numpy()
         peer_t, U_sk = timed(
@@ -149,17 +153,7 @@ def bench_decompose_peers(sizes, args):
         return
     cores = torch.get_num_threads() if torch.device(args.device).type == "cpu" else 1
     for n, c, k, n_peer in sizes:
-        X = relu_like_pfvs(n, c, seed=0)
-        V, mu = concept_matrix(k, c)
-        basis = ConceptBasis(V, mu)
-        alpha = float(args.alpha_fraction * alpha_max(basis, X).median())
-        Xc = (X - mu).double()
-        dev = args.device
-        dec = PFVDecomposer(basis.to(dev), alpha=alpha, tol=1e-4)
-        Xd = X.to(dev)
-        dec.transform(Xd[:8])  # Gram matrix and Lipschitz constant: once per basis, as in bench_decompose
-        ours, U = timed(lambda: dec.transform(Xd), args.repeats, dev)
-        U = U.double().cpu()
+        V, alpha, Xc, ours, U = _our_decomposition(n, c, k, args)
         Vd = V.double()
         A = np.asfortranarray(Vd.numpy().T)  # the design matrix (C x K), in the layout both peers use
         Y = Xc[:n_peer].numpy()
