@@ -18,7 +18,7 @@ operation such as attention makes it the whole image).
 """
 
 import weakref
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import _layout
-from ._hooks import LayerSpec, check_inputs, frozen, resolve_layer, run_until
+from . import distributed as _dist
+from ._hooks import LayerSpec, StopForward, _single_tensor, check_inputs, frozen, resolve_layer, run_until
 
 __all__ = ["IERFResult", "ierf", "receptive_fields", "to_display"]
 
@@ -63,51 +64,129 @@ _RF_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Tuple, Tensor]]" = weakref
 
 def receptive_fields(
     model: nn.Module,
-    layer: LayerSpec,
+    layer: Union[LayerSpec, Sequence[LayerSpec]],
     input_shape: Tuple[int, ...],
     *,
     attribute_to_layer_input: bool = False,
     dtype: Optional[torch.dtype] = None,
     batch_size: int = 32,
-) -> Tensor:
+    distributed: bool = False,
+) -> Union[Tensor, List[Tensor]]:
     r"""Theoretical receptive field of every position of ``layer``, as boxes.
 
     Args:
         model (nn.Module): the image model.
-        layer (nn.Module or str): the layer.
+        layer (nn.Module or str, or a list of them): the layer, or several
+                    layers, whose boxes then come from the same probe forwards.
         input_shape (tuple): one input's shape ``(C, H, W)``.
         attribute_to_layer_input (bool, optional): positions of the layer's
                     input rather than its output. Default: False
         dtype (torch.dtype, optional): input dtype; the model's by default.
         batch_size (int, optional): probe inputs per forward. Default: 32
+        distributed (bool, optional): every process asks for the same layers;
+                    under ``torch.distributed`` each runs its share of the
+                    probes and all get every box. Default: False
 
     Returns:
-        Tensor: ``(P, 4)`` int64 ``(top, left, bottom, right)`` per flat
-        position (bottom/right exclusive). Costs ``H + W`` forwards to the
-        layer (one NaN row or column each), cached per model, layer and shape.
+        Tensor or list of Tensor: ``(P, 4)`` int64 ``(top, left, bottom,
+        right)`` per flat position (bottom/right exclusive), one per layer if
+        ``layer`` is a list. Costs ``H + W`` forwards (one NaN row or column
+        each) up to the last of the layers, however many layers are asked
+        for, and is cached per model, layer and shape.
+
+    Example::
+
+        >>> early, late = receptive_fields(model, ["layer1.1", "layer4.2"], (3, 224, 224))
+        >>> late.shape  # 7 x 7 positions
+        torch.Size([49, 4])
     """
-    name, module = resolve_layer(model, layer)
+    several = isinstance(layer, (list, tuple))
+    resolved = [resolve_layer(model, one) for one in (layer if several else [layer])]
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W); got {tuple(input_shape)}")
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = dtype or (param.dtype if param is not None else torch.get_default_dtype())
-    key = (name, attribute_to_layer_input, tuple(int(s) for s in input_shape), dtype, str(device))
+    shape = tuple(int(s) for s in input_shape)
     cache = _RF_CACHE.setdefault(model, {})
-    if key in cache:
-        return cache[key]
-    c, h, w = (int(s) for s in input_shape)
-    probes = torch.zeros(h + w, c, h, w, dtype=dtype, device=device)
-    for i in range(h):
-        probes[i, :, i, :] = float("nan")
-    for j in range(w):
-        probes[h + j, :, :, j] = float("nan")
-    masks = []
-    with frozen(model), torch.no_grad():
-        for s in range(0, h + w, batch_size):
-            act = run_until(model, module, probes[s : s + batch_size], attribute_to_layer_input=attribute_to_layer_input)
-            masks.append(torch.isnan(_layout.to_pfvs(act)).any(-1))  # (b, P)
-    dep = torch.cat(masks).cpu()  # (H + W, P): probe row/column -> positions that depend on it
+
+    def key(name: str) -> Tuple:
+        return (name, attribute_to_layer_input, shape, dtype, str(device))
+
+    todo = list({name: module for name, module in resolved if key(name) not in cache}.items())
+    if todo:
+        h, w = shape[1], shape[2]
+        distributed = distributed and _dist.is_distributed()
+        probes = _dist.shard_indices(h + w) if distributed else torch.arange(h + w)
+        deps = _nan_dependence(model, todo, shape, attribute_to_layer_input, dtype, device, batch_size, probes)
+        for (name, _), dep in zip(todo, deps):
+            if distributed:
+                order = torch.cat(_dist.all_gather(probes))
+                full = torch.empty((h + w,) + tuple(dep.shape[1:]), dtype=torch.bool)
+                full[order] = torch.cat(_dist.all_gather(dep))
+                dep = full
+            cache[key(name)] = _boxes(dep, h, w)
+    boxes = [cache[key(name)] for name, _ in resolved]
+    return boxes if several else boxes[0]
+
+
+def _nan_dependence(model: nn.Module, layers: List[Tuple[str, nn.Module]], input_shape: Tuple[int, int, int],
+                    attribute_to_layer_input: bool, dtype: torch.dtype, device: torch.device,
+                    batch_size: int, probes: Tensor) -> List[Tensor]:
+    """Per layer, ``(len(probes), P)``: which positions turn NaN when probe row ``i`` (probe ``i < H``), or
+    column ``i - H``, is NaN.
+
+    Every layer is read from the same probe forwards, each stopped once the
+    last of the layers has run (a layer that runs twice is read at its first run).
+    """
+    c, h, w = input_shape
+    masks: List[List[Tensor]] = [[] for _ in layers]
+    seen: List[bool] = []
+
+    def reader(k: int, name: str):
+        def read(value, where):
+            if seen[k]:
+                return
+            seen[k] = True
+            masks[k].append(torch.isnan(_layout.to_pfvs(_single_tensor(value, name, where))).any(-1).cpu())
+            if all(seen):
+                raise StopForward(None)
+        return read
+
+    handles = []
+    for k, (name, module) in enumerate(layers):
+        read = reader(k, name)
+        if attribute_to_layer_input:
+            handles.append(module.register_forward_pre_hook(lambda _m, a, read=read: read(a[0] if a else None,
+                                                                                          "receives")))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out, read=read: read(out, "returns")))
+    try:
+        with frozen(model), torch.no_grad():
+            for s in range(0, len(probes), batch_size):
+                chunk = probes[s : s + batch_size].tolist()
+                x = torch.zeros(len(chunk), c, h, w, dtype=dtype, device=device)
+                for b, i in enumerate(chunk):
+                    if i < h:
+                        x[b, :, i, :] = float("nan")
+                    else:
+                        x[b, :, :, i - h] = float("nan")
+                seen[:] = [False] * len(layers)
+                try:
+                    model(x)
+                except StopForward:
+                    continue
+                missing = [name for (name, _), ok in zip(layers, seen) if not ok]
+                raise RuntimeError(f"layer {missing[0]!r} was not run by the model's forward; "
+                                   "is it part of the forward path?")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(m) if m else torch.zeros(0, 0, dtype=torch.bool) for m in masks]
+
+
+def _boxes(dep: Tensor, h: int, w: int) -> Tensor:
+    """``(P, 4)`` boxes from the ``(H + W, P)`` dependence of positions on probe rows, then columns."""
     rows, cols = dep[:h], dep[h:]
     idx_h = torch.arange(h).unsqueeze(1)
     idx_w = torch.arange(w).unsqueeze(1)
@@ -119,9 +198,7 @@ def receptive_fields(
     none = ~rows.any(0) | ~cols.any(0)
     boxes = torch.stack([top, left, bottom, right], dim=1)
     boxes[none] = torch.tensor([0, 0, 0, 0])
-    boxes = boxes.long()
-    cache[key] = boxes
-    return boxes
+    return boxes.long()
 
 
 class _PFVScore(nn.Module):

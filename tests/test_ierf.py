@@ -40,6 +40,35 @@ def test_receptive_fields_match_conv_arithmetic():
         assert tuple(boxes[p].tolist()) == analytic_rf(p // 10, p % 10)
 
 
+def test_receptive_fields_of_several_layers_come_from_one_probe_pass():
+    import copy
+
+    model = conv_stack()
+    calls = []
+    model.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+    first, last = receptive_fields(model, ["0", "4"], (3, 20, 20), batch_size=8)
+    assert len(calls) == 5  # (20 + 20) probes / 8 per forward, for both layers together
+    assert all(tuple(last[p].tolist()) == analytic_rf(p // 10, p % 10) for p in range(100))
+    alone = receptive_fields(copy.deepcopy(model), "0", (3, 20, 20))  # a fresh cache
+    assert torch.equal(first, alone)
+    for p in range(400):  # a 3x3 conv with padding 1: the pixel's 3x3 neighbourhood
+        i, j = divmod(p, 20)
+        assert tuple(first[p].tolist()) == (max(0, i - 1), max(0, j - 1), min(20, i + 2), min(20, j + 2))
+    calls.clear()
+    assert torch.equal(receptive_fields(model, "4", (3, 20, 20)), last) and not calls  # cached
+
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.spare = conv_stack(), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.net(x)
+
+    with pytest.raises(RuntimeError, match="'spare' was not run by the model's forward"):
+        receptive_fields(WithSpare(), ["net.4", "spare"], (3, 20, 20))
+
+
 def test_receptive_fields_of_vit_patches_and_tokens():
     model = tiny_vit()  # 32x32 images, 8x8 patches
     patches = receptive_fields(model, "conv_proj", (3, 32, 32))
