@@ -224,6 +224,11 @@ class BisectingSphericalKMeans:
         return self
 
     def _fit(self, X: Tensor, n: int, k: int) -> Tuple[Tensor, Tensor, List[Tuple[int, int]]]:
+        if _dist.is_distributed() and n <= _dist.LOCAL_FIT_ROWS:
+            # every process holds all rows: fitting them on its own beats thousands of latency-bound
+            # collectives (7x at 2,048 x 1,024, K = 1,024, 2 Gloo processes) and gives the single-process fit
+            with _dist.local_only():
+                return self._fit(X, n, k)
         Y = torch.nn.functional.normalize(X, dim=1)
         # distributed: this process works on rows rank, rank + W, ... (every sum goes through _reduce)
         rows = _dist.shard_indices(n).to(X.device) if _dist.is_distributed() else torch.arange(n, device=X.device)

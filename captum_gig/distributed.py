@@ -61,6 +61,9 @@ _LOCAL = [False]  # inside local_only(): every helper behaves as in a single pro
 #: copy (no per-iteration all_reduce: splits of small clusters are latency-bound)
 LOCAL_SPLIT_ROWS = 16384
 
+#: a clustering of at most this many rows is fitted whole by every process (all hold every row)
+LOCAL_FIT_ROWS = 16384
+
 
 def is_distributed() -> bool:
     """True when a process group with more than one process is initialised."""
