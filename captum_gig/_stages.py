@@ -71,7 +71,7 @@ def decomposer(run, layer: str):
     from .decompose import PFVDecomposer
 
     basis = ConceptBasis.load(basis_path(run, layer), device=str(run.device))
-    return PFVDecomposer(basis, alpha=float(basis.meta["alpha"]))
+    return PFVDecomposer(basis, alpha=float(basis.meta["alpha"]), solver=run.s.get("solver") or "auto")
 
 
 def classes_arg(run) -> Optional[List[int]]:
@@ -96,17 +96,21 @@ def stage_extract(run) -> List[str]:
     data = run.data
     produced = []
     # predictions over the data: the classes of the images (graphs, evaluation), the most confident image
-    preds, confs = [], []
+    # under torchrun each rank predicts its share of the batches; every image is written by one rank only
+    pred = torch.zeros(len(data), dtype=torch.long)
+    conf = torch.zeros(len(data))
+    batches = run.batches(labels=False)
+    mine = batches.shard(_dist.rank(), _dist.world_size())
     with torch.no_grad():
-        for batch in tqdm(run.batches(labels=False), desc="predictions", unit="batch", disable=not run.progress):
-            p = run.model(batch).softmax(1)
-            c, i = p.max(1)
-            preds.append(i.cpu())
-            confs.append(c.cpu())
-    pred = torch.cat(preds)
+        for start, batch in tqdm(mine, desc="predictions", unit="batch", disable=not run.progress,
+                                 total=len(range(_dist.rank(), len(batches), _dist.world_size()))):
+            c, i = run.model(batch).softmax(1).max(1)
+            pred[start:start + len(i)] = i.cpu()
+            conf[start:start + len(i)] = c.cpu().to(conf.dtype)
+    pred, conf = _dist.all_reduce(pred), _dist.all_reduce(conf)
     labels = data.labels if data.labels is not None else torch.full_like(pred, -1)
     produced.append(save(run.path("predictions.safetensors"), "Predictions",
-                         {"prediction": pred, "confidence": torch.cat(confs), "labels": labels},
+                         {"prediction": pred, "confidence": conf, "labels": labels},
                          {"names": data.names, "n_images": len(data)}))
     target = "label" if run.s["by"] == "label" else None
     sources = [(run.fit_data, False)] + ([(data, True)] if run.has_heldout else [])
@@ -437,18 +441,25 @@ def _ierf_method(name: str) -> Dict[str, Any]:
 
 
 def _build_atlases(run, concepts: Dict[str, List[int]]) -> Tuple[Dict[str, Any], List[str]]:
-    """Atlases of the graphs' concepts: iERF crops of their nearest fit PFVs, each from a different image."""
+    """Atlases of the graphs' concepts: iERF crops of their nearest fit PFVs, each from a different image.
+
+    Under torchrun each rank builds the atlases of its share of the layers; every rank gets them all.
+    """
     from .atlas import ConceptAtlas
     from .concepts import ConceptBasis
+    from .ierf import receptive_fields
     from .pfv import PFVSet
 
-    atlases, produced = {}, []
     fit = run.fit_data
     names = run.class_names()
     limit = run.s.get("atlas_images")
-    for layer in run.layers():
-        if not concepts.get(layer):
-            continue
+    wanted = [layer for layer in run.layers() if concepts.get(layer)]
+    mine = wanted[_dist.rank()::_dist.world_size()]
+    built: Dict[str, Any] = {}
+    if wanted:  # the receptive-field probes of every layer in one pass, shared by the ranks (ierf reads the cache)
+        first = fit.get([0])
+        receptive_fields(run.model, wanted, tuple(first.shape[1:]), dtype=first.dtype, distributed=True)
+    for layer in mine:
         pfvs = PFVSet.load(pfv_path(run, layer), device=str(run.device))
         if limit and limit < len(fit):
             pfvs = pfvs[pfvs.image_index < limit]
@@ -462,11 +473,13 @@ def _build_atlases(run, concepts: Dict[str, List[int]]) -> Tuple[Dict[str, Any],
                                    top_k=int(run.s["atlas_top"]), distinct_images=True, labels=labels,
                                    class_names=names, concepts=sorted(concepts[layer]), **_ierf_method(run.s["ierf"]),
                                    display=_display(run), progress=run.progress)
-        folder = run.path("atlas", safe_name(layer))
-        if _dist.is_main_process():
-            atlas.save(folder)
-        produced += files_under(folder)
-        atlases[layer] = atlas
+        atlas.save(run.path("atlas", safe_name(layer)))
+        built[layer] = atlas
+    if _dist.is_distributed():
+        for part in _dist.all_gather_object(built):
+            built.update(part)
+    atlases = {layer: built[layer] for layer in wanted}
+    produced = [f for layer in wanted for f in files_under(run.path("atlas", safe_name(layer)))]
     return atlases, produced
 
 
@@ -632,6 +645,19 @@ class _Tally:
         if c.per_input is not None:
             self.per_input[key].append(c.per_input.double().cpu())
 
+    def merge(self, other: "_Tally") -> None:
+        """Add another tally's classes (another rank's); per-image AUCs stay aligned across methods."""
+        for key, total in other.scores.items():
+            self.scores[key] = self.scores[key] + total if key in self.scores else total
+            self.weight[key] += other.weight[key]
+        for key, parts in other.per_input.items():
+            self.per_input[key] += parts
+        self.fractions.update(other.fractions)
+        for key, values in other.rho.items():
+            self.rho[key] += values
+        for key, n in other.skipped.items():
+            self.skipped[key] += n
+
     def result(self) -> Dict[str, Any]:
         from .metrics import auc
 
@@ -685,7 +711,8 @@ def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[st
     classes = sorted(set(cls_of[sub].tolist()))
     class_means = {layer: load_class_attribution(class_attr_path(run, layer))
                    for layer in layers if os.path.isfile(class_attr_path(run, layer))}
-    bar = tqdm(classes, desc=f"evaluation (seed {seed})", unit="class", disable=not run.progress)
+    mine = classes[_dist.rank()::_dist.world_size()]  # under torchrun each rank evaluates its share of the classes
+    bar = tqdm(mine, desc=f"evaluation (seed {seed})", unit="class", disable=not run.progress)
     for c in bar:
         ids = sub[cls_of[sub] == c].tolist()
         images = run.data.get(ids).to(run.device)
@@ -762,6 +789,11 @@ def _evaluate_subset(run, decs, idx: List[int], cls_of: Tensor, methods: List[st
                     tally.add(f"interlayer_{kind}|{name}", "random", res.random, n)
                     for m, curve in res.baselines.items():
                         tally.add(f"interlayer_{kind}|{name}", m, curve, n)
+    if _dist.is_distributed():
+        parts = _dist.all_gather_object(tally)
+        tally = parts[0]
+        for part in parts[1:]:
+            tally.merge(part)
     out = tally.result()
     out["n_images"] = len(idx)
     out["interlayer_share"] = inter_share

@@ -38,6 +38,7 @@ import torch
 from .distributed import is_main_process
 from ._sources import NORMALIZATIONS, list_layers, load_model  # noqa: F401  (load_model: public here before)
 from ._version import __version__
+from .decompose import SOLVERS
 from .pipeline import (DEFAULTS, STAGES, Config, Pipeline, PipelineError, _read_json,  # noqa: F401
                        load_class_attribution, load_coefficients)
 
@@ -79,6 +80,8 @@ def _common_parser() -> argparse.ArgumentParser:
     g.add_argument("--offset", choices=["auto", "mean", "zero"], help="PFV offset: BatchNorm shift where the layer ends in BN, else the mean (default: auto)")
     g.add_argument("--extractor", help="concept extractor registered with register_extractor (default: bisecting)")
     g.add_argument("--alpha", type=float, help="Lasso alpha as a fraction of the median alpha_max (default: 0.1)")
+    g.add_argument("--solver", choices=SOLVERS,
+                   help="Lasso solver of the decomposition (default: auto, homotopy up to 128 channels, else working set)")
     g.add_argument("--n-steps", type=int, help="GIG path points (default: 16)")
     g.add_argument("--output", choices=["logit", "prob"], help="class score for GIG (default: logit)")
     g.add_argument("--classes", nargs="+", help="restrict class attributions to these classes (indices or names)")

@@ -41,9 +41,11 @@ from torch import Tensor, nn
 
 from . import distributed as _dist
 from ._io import atomic_write_text
-from ._artifacts import basis_path, class_attr_path, load_class_attribution, load_coefficients, pfv_path
+from ._artifacts import (basis_path, class_attr_path, coef_path, load_class_attribution, load_coefficients,
+                         pfv_path)
 from ._sources import Batches, ImageData, PipelineError, default_normalize, default_size, load_model
 from ._version import __version__
+from .decompose import SOLVERS
 
 __all__ = ["Config", "Pipeline", "PipelineError", "run", "load_coefficients", "load_class_attribution", "STAGES"]
 
@@ -85,6 +87,7 @@ class Config:
     offset: str = "auto"
     extractor: str = "bisecting"
     alpha: float = 0.1
+    solver: str = "auto"
     n_steps: int = 16
     output: str = "logit"
     classes: Optional[List[str]] = None
@@ -166,7 +169,7 @@ POSITIVE_SETTINGS = ("limit", "augment", "per_image", "concepts", "concept_facto
                      "eval_interlayer_images")
 
 #: settings with a fixed set of values
-CHOICES = {"interlayer": ("graph", "all"), "eval_pairs": ("last", "all"), "class_layers": ("last", "all"),
+CHOICES = {"interlayer": ("graph", "all"), "solver": SOLVERS, "eval_pairs": ("last", "all"), "class_layers": ("last", "all"),
            "by": ("prediction", "label"), "output": ("logit", "prob")}
 
 #: the settings each stage depends on (its own and those of the stages before it)
@@ -174,7 +177,7 @@ STAGE_KEYS: Dict[str, List[str]] = {
     "extract": ["model", "weights", "data", "split", "limit", "augment", "image_size", "normalize", "layers", "by",
                 "seed", "sampling", "per_image", "fit_data", "fit_split", "fit_limit"],
     "fit": ["concepts", "concept_factor", "min_members", "offset", "extractor", "diversity_top"],
-    "decompose": ["alpha"],
+    "decompose": ["alpha", "solver"],
     "attribute": ["n_steps", "output", "classes", "class_layers", "attribute_images", "interlayer", "interlayer_images",
                   "graph", "top_k"],
     "graph": ["atlas_top", "atlas_images", "ierf"],
@@ -360,9 +363,17 @@ class Pipeline:
         return self._fit_data
 
     def batches(self, indices: Optional[Sequence[int]] = None, labels: bool = True, data: Optional["ImageData"] = None):
-        """Re-iterable batches of the data (or of ``data``), optionally of the images ``indices`` only."""
-        return Batches(data if data is not None else self.data, int(self.s["batch_size"]), self.device,
-                       indices=indices, labels=labels)
+        """Re-iterable batches of the data (or of ``data``), optionally of the images ``indices`` only.
+
+        Under torchrun the batches are made smaller where there would be fewer
+        than one per rank (the capped subsets of attribute), so no rank waits idle.
+        """
+        data = data if data is not None else self.data
+        size, ranks = int(self.s["batch_size"]), _dist.world_size()
+        n = len(data) if indices is None else len(indices)
+        if ranks > 1 and n:
+            size = max(1, min(size, -(-n // ranks)))
+        return Batches(data, size, self.device, indices=indices, labels=labels)
 
     def class_index(self, spec: Any) -> int:
         """A class given by index or name, checked against the model's classes."""
@@ -541,6 +552,10 @@ class Pipeline:
         from ._stages import decomposer
 
         return decomposer(self, layer)
+
+    def coefficients(self, layer: str) -> Tensor:
+        """The dense ``(N, K)`` concept coefficients of ``layer``'s PFVs (those of :meth:`pfvs`) from ``decompose``."""
+        return load_coefficients(coef_path(self, layer)).to(self.device)
 
     def class_attribution(self, layer: str):
         """The per-class mean GIG of ``layer``'s concepts to the classes (``attribute``)."""

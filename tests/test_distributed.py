@@ -36,6 +36,9 @@ def _pipeline(model, images, labels, blobs):
     pfvs = collect_pfvs(model, "block2", loader, per_image=3, seed=5, progress=False)
     uniform = collect_pfvs(model, "block3", images, sampling="uniform", per_image=2, batch_size=5, seed=2, progress=False)
     defaults = dist_.LOCAL_SPLIT_ROWS, concepts_.BATCH_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS
+    whole = dist_.LOCAL_FIT_ROWS
+    km_whole = BisectingSphericalKMeans(9, seed=1).fit(blobs)  # 17 rows: fitted whole by every process
+    dist_.LOCAL_FIT_ROWS = 0  # the fits below are sharded
     # clusters of >= 10 rows split with all-reduced sums, smaller ones gathered (single-process: no effect),
     # those of <= 6 rows gathered and split in batches, those of <= 4 in their row space
     dist_.LOCAL_SPLIT_ROWS, concepts_.BATCH_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = 10, 6, 4
@@ -61,7 +64,8 @@ def _pipeline(model, images, labels, blobs):
     concepts_.SMALL_SPLIT_ROWS = 10**9  # every split gathered and batched, in the row space
     km_gram = BisectingSphericalKMeans(9, seed=1).fit(blobs)
     dist_.LOCAL_SPLIT_ROWS, concepts_.BATCH_SPLIT_ROWS, concepts_.SMALL_SPLIT_ROWS = defaults
-    out = {"centres": km.cluster_centers_, "km_gathered_labels": km_gathered.labels_, "km_batched_labels": km_batched.labels_,
+    dist_.LOCAL_FIT_ROWS = whole
+    out = {"km_whole_labels": km_whole.labels_, "centres": km.cluster_centers_, "km_gathered_labels": km_gathered.labels_, "km_batched_labels": km_batched.labels_,
            "km_gram_labels": km_gram.labels_, "km_sampled_labels": km_sampled.labels_,
            "km_labels": km.labels_, "split_sizes": torch.tensor(km.split_history_),
            "vectors": basis.vectors, "offset": basis.offset, "basis_labels": basis.labels, "sizes": basis.sizes,
@@ -217,9 +221,10 @@ def test_cli_under_torchrun_writes_the_single_process_artifacts(tmp_path):
             img = rng.integers(0, 80, size=(12, 12, 3))
             img[..., c] += 150
             Image.fromarray(img.astype(np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
-    args = ["attribute", "--model", f"module:{tmp_path / 'model.py'}:build", "--data", str(tmp_path / "images"),
+    args = ["run", "--model", f"module:{tmp_path / 'model.py'}:build", "--data", str(tmp_path / "images"),
             "--layers", "block1", "block2", "--image-size", "12", "--by", "label", "--per-image", "3",
-            "--concepts", "6", "--n-steps", "4", "--batch-size", "4", "--device", "cpu", "--quiet"]
+            "--concepts", "6", "--n-steps", "4", "--batch-size", "4", "--device", "cpu", "--quiet",
+            "--eval-images", "9", "--eval-steps", "3", "--atlas-top", "1", "--ierf", "ixg"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     one = subprocess.run([sys.executable, "-m", "captum_gig", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -232,6 +237,32 @@ def test_cli_under_torchrun_writes_the_single_process_artifacts(tmp_path):
         assert json.load(f)["world_size"] == 2
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.safetensors"))
     assert len(files) >= 7  # predictions, PFVs, bases, coefficients of 2 layers, class attribution(s)
+    # graph (each rank builds the atlases of its share of the layers) and evaluate (of its share of the classes)
+    made = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file()
+                  and p.suffix != ".log" and p.name not in ("manifest.json", "timings.json"))
+    assert made == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file()
+                          and p.suffix != ".log" and p.name not in ("manifest.json", "timings.json"))
+    assert any(p.parts[0] == "atlas" for p in made) and len({p.parts[1] for p in made if p.parts[0] == "atlas"}) == 2
+
+    def close(want, got, where):
+        if isinstance(want, dict):
+            assert sorted(want) == sorted(got), where
+            for k in want:
+                close(want[k], got[k], f"{where}.{k}")
+        elif isinstance(want, list):
+            assert len(want) == len(got), where
+            for i, (w, g) in enumerate(zip(want, got)):
+                close(w, g, f"{where}[{i}]")
+        elif isinstance(want, float):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-6), where
+        else:
+            assert want == got, where
+
+    with open(tmp_path / "one" / "evaluation" / "metrics.json") as f, \
+            open(tmp_path / "two" / "evaluation" / "metrics.json") as g:
+        want, got = json.load(f), json.load(g)
+    assert want["curves"] and want["n_images"] == 9
+    close(want, got, "metrics")
     assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.safetensors"))
     for rel in files:
         want, got = load_file(str(tmp_path / "one" / rel)), load_file(str(tmp_path / "two" / rel))
@@ -242,3 +273,36 @@ def test_cli_under_torchrun_writes_the_single_process_artifacts(tmp_path):
                 torch.testing.assert_close(got[key], w, rtol=1e-5, atol=1e-6 * scale, msg=f"{rel}:{key}")
             else:
                 assert torch.equal(got[key], w), f"{rel}:{key}"
+
+
+def _rf_worker(rank, port, folder):
+    import torch.distributed as dist
+
+    from captum_gig.ierf import receptive_fields
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model = randomize_bn(SmallCNN(channels=(4, 6, 8), num_classes=4)).eval()
+        calls = []
+        model.register_forward_pre_hook(lambda _m, a: calls.append(a[0].shape[0]))
+        boxes = receptive_fields(model, ["block1", "block3"], (3, 12, 12), batch_size=4, distributed=True)
+        save_file({"block1": boxes[0], "block3": boxes[1], "probes": torch.tensor(sum(calls))},
+                  os.path.join(folder, f"rf{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_receptive_field_probes_are_shared_between_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    from captum_gig.ierf import receptive_fields
+
+    mp.spawn(_rf_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    model = randomize_bn(SmallCNN(channels=(4, 6, 8), num_classes=4)).eval()
+    want = receptive_fields(model, ["block1", "block3"], (3, 12, 12))
+    ranks = [load_file(str(tmp_path / f"rf{r}.safetensors")) for r in range(WORLD)]
+    assert [int(r["probes"]) for r in ranks] == [12, 12]  # the 12 + 12 NaN rows and columns split in two
+    for got in ranks:
+        assert torch.equal(got["block1"], want[0]) and torch.equal(got["block3"], want[1])
+    assert not torch.equal(want[0], want[1])  # two different layers' fields

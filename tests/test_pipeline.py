@@ -149,3 +149,22 @@ def test_interlayer_curves_on_a_share_of_the_evaluated_images(workspace, tmp_pat
     for curve, entry in metrics["curves"].items():
         expected = 6 if curve.startswith("interlayer") else 12
         assert {e["n_images"] for e in entry["methods"].values()} == {expected}, curve
+
+
+def test_the_solver_setting_recomputes_only_the_decomposition_and_solves_the_same_lasso(workspace, tmp_path):
+    out = tmp_path / "out"
+    auto = pipeline.Pipeline(config(workspace), out, device="cpu", quiet=True)
+    auto.run(["extract", "fit", "decompose"], report=False)
+    U_auto = auto.coefficients("block2")
+    fista = pipeline.Pipeline(config(workspace, solver="fista"), out, device="cpu", quiet=True)
+    fista.run(["extract", "fit", "decompose"], report=False)
+    assert [fista.timings[s]["status"] for s in ("extract", "fit", "decompose")] == ["resumed", "resumed", "computed"]
+    dec = fista.decomposer("block2")
+    assert dec.solver == "fista" and auto.decomposer("block2").solver == "auto"
+    X = fista.pfvs("block2").vectors
+    U_fista = fista.coefficients("block2")
+    assert U_fista.shape == U_auto.shape == (len(X), 6)
+    # the same Lasso solved two ways (homotopy at these 6 channels, FISTA): the same objective per PFV
+    assert torch.allclose(dec.objective(X, U_fista), dec.objective(X, U_auto), rtol=1e-3, atol=1e-6)
+    with pytest.raises(pipeline.PipelineError, match="solver"):
+        pipeline.Pipeline(config(workspace, solver="lars"), tmp_path / "bad")
