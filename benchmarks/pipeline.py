@@ -402,6 +402,15 @@ def main(argv=None):
     p.add_argument("--compare-n-steps", type=int, default=None, help="its path points (default 4; quick 2)")
     p.add_argument("--compare-repeats", type=int, default=None,
                    help="attribute runs of each kind, alternating; the fastest counts (default 2; quick 1)")
+    p.add_argument("--concepts", type=int, default=None,
+                   help="concepts per layer, fixed over N so that the exponents measure the data's growth "
+                        "(default 1024; quick 32; 0: the library's min(8 x channels, PFVs / 8), which grows with N)")
+    p.add_argument("--k-sweep", type=int, nargs="*", default=None,
+                   help="concept counts of the fit + decompose sweep at the smallest N (default 256 512 1024; "
+                        "quick 8 16 32; none: skip)")
+    p.add_argument("--reuse-comparison", metavar="JSON",
+                   help="take the interlayer all-vs-graph comparison from an earlier results JSON instead of rerunning "
+                        "it (the inter-layer code it measures must be unchanged since)")
     p.add_argument("--project", type=int, default=50000, help="N of the projection")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="folder for images and pipeline outputs (default: a temporary one)")
@@ -429,12 +438,12 @@ def main(argv=None):
         defaults = dict(sizes=[16, 32, 64], layers=PAPER_LAYERS[-2:], image_size=112, attribute_images=8,
                         interlayer_images=2, eval_images=4, n_steps=2, eval_steps=3, atlas_top=1, compare_n=16,
                         compare_n_steps=2, compare_attribute_images=2, compare_layers=PAPER_LAYERS[-2:],
-                        compare_repeats=1)
+                        compare_repeats=1, concepts=32, k_sweep=[8, 16, 32])
     else:
         defaults = dict(sizes=[256, 512, 1024, 2048], layers=PAPER_LAYERS, image_size=224, attribute_images=16,
                         interlayer_images=4, eval_images=8, n_steps=4, eval_steps=5, atlas_top=2, compare_n=128,
                         compare_n_steps=4, compare_attribute_images=4, compare_layers=PAPER_LAYERS[:3],
-                        compare_repeats=2)
+                        compare_repeats=2, concepts=1024, k_sweep=[256, 512, 1024])
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -466,11 +475,12 @@ def main(argv=None):
                 seed=args.seed, per_image=args.per_image, batch_size=args.batch_size,
                 attribute_images=args.attribute_images, interlayer_images=args.interlayer_images,
                 eval_images=args.eval_images, n_steps=args.n_steps, eval_steps=args.eval_steps,
-                atlas_images=args.atlas_images, atlas_top=args.atlas_top, ierf=args.ierf)
+                atlas_images=args.atlas_images, atlas_top=args.atlas_top, ierf=args.ierf,
+                concepts=args.concepts or None)
     settings_shown = {k: base[k] for k in ("image_size", "by", "per_image", "batch_size", "attribute_images",
                                            "interlayer_images",
                                            "eval_images", "n_steps", "eval_steps", "atlas_images", "atlas_top",
-                                           "ierf")}
+                                           "ierf", "concepts")}
     from captum_gig.pipeline import DEFAULTS
 
     settings_shown.update({k: DEFAULTS[k] for k in ("interlayer", "class_layers", "eval_pairs", "eval_targets",
@@ -515,6 +525,19 @@ def main(argv=None):
         report["project"] = args.project
         candidates = [r for r in fits if r not in ("total", "attribute") and "projected_seconds" in fits[r]]
         report["dominant_stage"] = max(candidates, key=lambda r: fits[r]["projected_seconds"]) if candidates else None
+        ks = report.get("k_sweep")
+        if ks and args.concepts and all(st in ks["exponent"] and st in fits for st in ("fit", "decompose")):
+            n0 = min(ns)
+            info = report["runs"][str(n0)].get("info", {}).get("layers", {})
+            paper_k = [8 * v["n_channels"] for v in info.values()]
+            out = {"ks": paper_k, "k0": args.concepts, "n0": n0}
+            for st in ("fit", "decompose"):
+                t0 = report["runs"][str(n0)]["stages"][st]["seconds"]
+                scale = (args.project / n0) ** fits[st]["exponent"]
+                per_layer = t0 / max(len(paper_k), 1)  # equal shares: the measured K is the same in every layer
+                total = sum(per_layer * scale * (k / args.concepts) ** ks["exponent"][st] for k in paper_k)
+                out[f"{st}_hours"] = total / 3600
+            report["paper_k_projection"] = out
         report["machine"]["load_average_at_end"] = os.getloadavg()
         report["wall_seconds"] = time.perf_counter() - t_all
         write_outputs(report, args, final=final)
@@ -546,7 +569,8 @@ def main(argv=None):
     def compare():
         n = args.compare_n
         cmp_settings = dict(layers=compare_layers, attribute_images=args.compare_attribute_images,
-                            n_steps=args.compare_n_steps)
+                            n_steps=args.compare_n_steps)  # the library's concept count, as when first measured
+        cmp_settings["concepts"] = None
         print(f"N = {n}: attribute with interlayer='graph' (default) and 'all' (the old way), layers {compare_layers}, "
               f"{args.compare_repeats} runs each, alternating", flush=True)
         prep = spec_for(n, args.threads, ["extract", "fit", "decompose"], **cmp_settings)
@@ -566,19 +590,42 @@ def main(argv=None):
         report["interlayer_comparison"] = {
             "n": n, "layers": compare_layers, "settings": dict(cmp_settings, interlayer_images=args.interlayer_images),
             "repeats": args.compare_repeats, "prepared": prepared["info"],
-            "solver": "the pipeline's decomposer (solver 'auto') in both: Config has no solver setting",
+            "solver": "the pipeline's decomposer with the `solver` setting's default, 'auto', in both",
             "after": {row: best("graph", row) for row in rows}, "before": {row: best("all", row) for row in rows},
             "after_runs": runs["graph"], "before_runs": runs["all"]}
         c = report["interlayer_comparison"]
         c["ratio"] = {row: c["before"][row] / c["after"][row] for row in rows[:2] if c["after"][row] > 0}
 
+    def k_sweep():
+        n = min(args.sizes)
+        base_out = spec_for(n, args.threads)["out"]  # the sweep's run at this N: its PFVs are reused
+        rows = {}
+        print(f"N = {n}: fit + decompose with K = {args.k_sweep} concepts per layer", flush=True)
+        for k in args.k_sweep:
+            sp = spec_for(n, args.threads, ["extract", "fit", "decompose"], concepts=k)
+            sp["out"], sp["force"], sp["force_stages"] = base_out, False, ["fit", "decompose"]
+            rows[str(k)] = launch(sp, folder, f"k{k}-n{n}")["stages"]
+        ks = [int(k) for k in rows]
+        fits = {st: fit_power(ks, [rows[str(k)][st]["seconds"] for k in ks]) for st in ("fit", "decompose")}
+        report["k_sweep"] = {"n": n, "ks": ks, "runs": rows,
+                             "exponent": {st: f[1] for st, f in fits.items() if f}}
+        if args.concepts and args.concepts not in ks:
+            print("  note: --concepts is not in --k-sweep; the paper-K projection uses the nearest K", flush=True)
+
+    if args.reuse_comparison:
+        with open(args.reuse_comparison) as f:
+            old = json.load(f)
+        report["interlayer_comparison"] = dict(old["interlayer_comparison"], reused_from={
+            "file": os.path.relpath(os.path.abspath(args.reuse_comparison), ROOT), "date": old.get("date"),
+            "command": old.get("command")})
     # the smallest size, then the 2-process run and the comparison (cheap), then the larger sizes
     todo = [("sweep", n) for n in args.sizes[:1]]
+    todo += [("k_sweep", None)] if args.k_sweep else []
     todo += [("distributed", None)] if args.dist_n else []
-    todo += [("compare", None)] if args.compare_n else []
+    todo += [("compare", None)] if args.compare_n and not args.reuse_comparison else []
     todo += [("sweep", n) for n in args.sizes[1:]]
     for i, (what, n) in enumerate(todo):
-        {"sweep": lambda: sweep(n), "distributed": distributed, "compare": compare}[what]()
+        {"sweep": lambda: sweep(n), "k_sweep": k_sweep, "distributed": distributed, "compare": compare}[what]()
         summarize(final=i == len(todo) - 1)
     if own_work:
         import shutil
@@ -625,9 +672,12 @@ def write_outputs(report, args, final=True):
          "Capped subsets (explicit settings): " + ", ".join(f"`{k}={v}`" for k, v in s.items()) + ".", "",
          "attribute, graph and evaluate work on capped subsets by design: `attribute_images` for the class GIG, "
          "`interlayer_images` per class for the inter-layer GIG, `eval_images` for evaluation, the first "
-         "`atlas_images` images for atlas crops. Their image counts do **not** grow with N; what grows is the number "
-         "of concepts per layer (min(8 x channels, PFVs / 8)) and the PFVs searched for atlas crops. "
-         "Their exponents below describe that, not a per-image cost.", "",
+         "`atlas_images` images for atlas crops. Their image counts do **not** grow with N; what grows is "
+         + (f"the PFVs searched for atlas crops (the concept count is fixed at `concepts={s['concepts']}` per layer, "
+            "so that every exponent measures growth with the data; the cost of more concepts is measured "
+            "separately below)" if s.get("concepts") else
+            "the number of concepts per layer (min(8 x channels, PFVs / 8)) and the PFVs searched for atlas crops")
+         + ". Their exponents below describe that, not a per-image cost.", "",
          "## Seconds per stage (wall, 1 process)", "",
          "| stage | " + " | ".join(f"N={n}" for n in ns) + f" | exponent | projected s at N={report['project']:,} |",
          "|---|" + "---|" * (len(ns) + 2)]
@@ -652,11 +702,29 @@ def write_outputs(report, args, final=True):
                                                    f"concepts" for k, v in info.items()) + ".", ""]
     dom = report["dominant_stage"]
     if dom:
+        why = (f"at the fixed `concepts={s['concepts']}`" if s.get("concepts") else
+               "; the concept count stops growing at 8 x channels (from N = 8 x channels images with per_image=8 "
+               "and min_members=8), which such a fit does not know")
         L += [f"**Dominant stage at N={report['project']:,}: {_label(dom)}**, projected "
               f"{fits[dom]['projected_seconds'] / 3600:.1f} h (exponent {fits[dom]['exponent']:.2f}); the stages' "
               f"projections sum to {projected_sum / 3600:.1f} h. Projections extrapolate a power law "
-              f"fitted on N={ns[0]}..{ns[-1]}; the concept count stops growing at 8 x channels "
-              f"(from N = 8 x channels images with per_image=8 and min_members=8), which such a fit does not know.", ""]
+              f"fitted on N={ns[0]}..{ns[-1]} {why}.", ""]
+    ks = report.get("k_sweep")
+    if ks:
+        kk = [str(k) for k in ks["ks"]]
+        L += [f"## Fit and decompose against the concept count K (N={ks['n']}, every layer the same K)", "",
+              "| stage | " + " | ".join(f"K={k}" for k in kk) + " | exponent in K |", "|---|" + "---|" * (len(kk) + 1)]
+        for st in ("fit", "decompose"):
+            L.append(f"| {st} | " + " | ".join(f"{ks['runs'][k][st]['seconds']:.1f}" for k in kk)
+                     + f" | {ks['exponent'].get(st, float('nan')):.2f} |")
+        paper = report.get("paper_k_projection")
+        if paper:
+            L += ["", f"**The paper's K = 8 x channels** ({', '.join(f'{k}' for k in paper['ks'])} for the {len(paper['ks'])} layers) "
+                  f"at N={report['project']:,}: decompose projected {paper['decompose_hours']:.1f} h, fit "
+                  f"{paper['fit_hours']:.1f} h: each layer's share of the measured N={paper['n0']} seconds at "
+                  f"K={paper['k0']}, scaled by (N / {paper['n0']})^e_N and (K / {paper['k0']})^e_K with the "
+                  "exponents above (a projection, not a run)."]
+        L.append("")
     d = report.get("distributed")
     if d:
         r2 = d["result"]["stages"]
@@ -688,7 +756,12 @@ def write_outputs(report, args, final=True):
         L += ["", f"Fastest of {c['repeats']} runs of each, alternating, each in a fresh process resuming extract .. "
               "decompose. 'all' needs min(K_b, C_b) backward directions per image and path point (concepts, channels "
               "of layer b): " + "; ".join(f"{k}: K={v['n_concepts']}, C={v['n_channels']}" for k, v in sizes.items())
-              + ". K grows with N up to 8 x C, so the old way's cost grows with N where the graph's does not."]
+              + (". With the library's default concept count K grows with N up to 8 x C, so the old way's cost grows "
+                 "with N where the graph's does not." if not c["settings"].get("concepts") else ".")]
+        if c.get("reused_from"):
+            r = c["reused_from"]
+            L += ["", f"Reused from `{r['file']}` ({r['date']}, `{r['command']}`): the inter-layer attribution "
+                  "it measures is unchanged since."]
         L += ["", f"Command: part of the run above (`{report['command'].strip()}`, settings `--compare-n {c['n']}` "
               f"`--compare-layers {' '.join(c['layers'])}` "
               f"`--compare-attribute-images {c['settings']['attribute_images']}` "
