@@ -266,3 +266,26 @@ def test_homotopy_with_near_copies_of_concepts_stays_at_the_lasso_solution(noise
     assert float(corr.abs().max()) <= 0.3 * (1 + 1e-3)
     on = U != 0
     assert float((corr[on] - 0.3 * U[on].sign()).abs().max()) <= 0.3 * 1e-3
+
+
+def test_working_set_rows_whose_newton_steps_stall_are_solved_by_the_homotopy(monkeypatch):
+    import captum_gig.decompose as decompose
+
+    # near-copies of concepts: the restricted Newton solves on them stall, as on ResNet50 layers
+    g = torch.Generator().manual_seed(4)
+    base = torch.nn.functional.normalize(torch.randn(24, 12, generator=g, dtype=torch.float64), dim=1)
+    V = torch.cat([base, base + 1e-4 * torch.randn(24, 12, generator=g, dtype=torch.float64)])
+    X = torch.randn(64, 8, generator=g, dtype=torch.float64) @ base[:8] * 3
+    used = []
+    for name in ("_homotopy", "_fista"):
+        real = getattr(decompose, name)
+        monkeypatch.setattr(decompose, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    alpha = 0.05
+    U = PFVDecomposer(ConceptBasis(V), alpha=alpha, tol=1e-10, solver="working_set").transform(X)
+    assert used and used[0] == "_homotopy"  # the stalled rows went to the exact path
+    corr = (X - U @ V) @ V.t()
+    assert (corr.abs() <= alpha * (1 + 1e-3)).all()  # KKT: no concept violates
+    support = U != 0
+    assert torch.allclose(corr[support], alpha * torch.sign(U[support]), rtol=1e-2, atol=1e-3)
+    ref = PFVDecomposer(ConceptBasis(V), alpha=alpha, tol=1e-12, max_iter=100000, solver="fista").transform(X)
+    assert (lasso_objective(X, U, V, alpha) <= lasso_objective(X, ref, V, alpha) * (1 + 1e-3)).all()
