@@ -618,6 +618,7 @@ def main(argv=None):
         report["interlayer_comparison"] = dict(old["interlayer_comparison"], reused_from={
             "file": os.path.relpath(os.path.abspath(args.reuse_comparison), ROOT), "date": old.get("date"),
             "command": old.get("command")})
+        report["interlayer_comparison"]["solver"] = "the pipeline's decomposer, solver 'auto', in both"
     # the smallest size, then the 2-process run and the comparison (cheap), then the larger sizes
     todo = [("sweep", n) for n in args.sizes[:1]]
     todo += [("k_sweep", None)] if args.k_sweep else []
